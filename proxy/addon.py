@@ -1,0 +1,133 @@
+"""The mitmproxy addon: the only module that knows mitmproxy's hooks.
+
+Each hook reads like a table of contents and delegates to ``proxy.broker``. mitmproxy logs an
+exception raised by a hook and carries on with the flow, which would forward the request
+unchecked, so every hook catches everything and answers with a refusal instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from mitmproxy import http, tcp
+
+from proxy.broker import Broker, Exchange, check_authority
+from proxy.errors import KeylessError
+from proxy.model import Source
+from proxy.trust import Caller
+
+log = logging.getLogger("keyless")
+
+_STATE = "keyless"
+DECISION_HEADER = "Keyless-Decision-Id"
+
+
+def refusal(error: KeylessError, decision_id: str) -> http.Response:
+    body = json.dumps({"error": error.code, "message": error.message, "decision_id": decision_id})
+    headers = {"Content-Type": "application/json", DECISION_HEADER: decision_id}
+    if error.code == "attestation_failed":
+        headers["Proxy-Authenticate"] = 'Bearer realm="keyless"'
+    return http.Response.make(error.status, body, headers)
+
+
+def _internal(where: str, exc: BaseException) -> KeylessError:
+    # The traceback goes to the log at debug level only: exception text may echo request data.
+    log.error("internal error in %s: %s", where, type(exc).__name__)
+    log.debug("internal error in %s", where, exc_info=exc)
+    return KeylessError("internal_error", f"internal error in {where}")
+
+
+class KeylessAddon:
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        # CONNECT authority per client connection: the tunnel's inner requests must match it.
+        self._tunnels: dict[str, tuple[str, int]] = {}
+
+    def _refuse(self, flow: http.HTTPFlow, ex: Exchange, error: KeylessError) -> None:
+        ex.error = error
+        flow.response = refusal(error, ex.decision_id)
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        self._tunnels[flow.client_conn.id] = (flow.request.host, flow.request.port)
+
+    def client_disconnected(self, client: Any) -> None:
+        self._tunnels.pop(client.id, None)
+
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        addr = flow.client_conn.peername
+        ex = Exchange(Source(str(addr[0]), int(addr[1])))
+        flow.metadata[_STATE] = ex
+        req = flow.request
+        try:
+            self.broker.describe_request(ex, req.method, req.scheme, req.host, req.port, req.path)
+            ex.identity = await self.broker.attest(Caller(ex.source.address, ex.source.port))
+            check_authority(
+                scheme=req.scheme, host=req.host, port=req.port, host_header=req.host_header,
+                connect=self._tunnels.get(flow.client_conn.id), tls=flow.client_conn.tls_established,
+                sni=flow.client_conn.sni,
+            )
+            doc = self.broker.policy_input(
+                ex, method=req.method, scheme=req.scheme, host=req.host, port=req.port, path=req.path,
+                query=list(req.query.items(multi=True)) if "?" in req.path else [],
+                headers=list(req.headers.items(multi=True)),
+            )
+            await self.broker.decide(ex, doc)
+        except KeylessError as e:
+            self._refuse(flow, ex, e)
+        except Exception as e:  # noqa: BLE001 - fail closed on anything
+            self._refuse(flow, ex, _internal("requestheaders", e))
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        ex: Exchange | None = flow.metadata.get(_STATE)
+        if ex is None:
+            # requestheaders did not run for this flow: never forward what was not decided.
+            ex = Exchange(Source("", 0))
+            flow.metadata[_STATE] = ex
+            self._refuse(flow, ex, KeylessError("internal_error", "request reached Keyless undecided"))
+            return
+        if ex.refused or flow.response is not None:
+            return
+        try:
+            await self.broker.inject(ex, flow.request)
+        except KeylessError as e:
+            self._refuse(flow, ex, e)
+        except Exception as e:  # noqa: BLE001
+            self._refuse(flow, ex, _internal("request", e))
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        ex: Exchange | None = flow.metadata.get(_STATE)
+        if ex is not None and flow.response is not None:
+            flow.response.headers[DECISION_HEADER] = ex.decision_id
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        ex: Exchange | None = flow.metadata.get(_STATE)
+        if ex is not None and flow.response is not None:
+            flow.response.headers[DECISION_HEADER] = ex.decision_id
+            self._audit(ex, flow.response.status_code)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        ex: Exchange | None = flow.metadata.get(_STATE)
+        if ex is None:
+            return
+        if ex.error is None and flow.error is not None:
+            ex.error = KeylessError("bad_request", "upstream or client error: " + flow.error.msg)
+        self._audit(ex, flow.response.status_code if flow.response else None)
+
+    def tcp_start(self, flow: tcp.TCPFlow) -> None:
+        # Keyless brokers HTTP only; a raw tunnel would carry traffic no policy has seen.
+        flow.kill()
+        addr = flow.client_conn.peername
+        ex = Exchange(Source(str(addr[0]), int(addr[1])))
+        server = flow.server_conn.address
+        ex.request = {"method": None, "scheme": "tcp", "host": server[0] if server else None,
+                      "port": server[1] if server else None, "path": None}
+        ex.error = KeylessError("bad_request", "non-HTTP traffic is not relayed")
+        self._audit(ex, None)
+
+    def _audit(self, ex: Exchange, status: int | None) -> None:
+        try:
+            self.broker.audit(ex, status)
+        except Exception as e:  # noqa: BLE001 - an audit failure must be loud, not fatal to the loop
+            log.error("audit sink failed: %s", type(e).__name__)

@@ -1,0 +1,34 @@
+"""The admin listener (aiohttp, localhost by default): health, readiness, JWKS, CA certificate."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from aiohttp import web
+
+from proxy.signing import Signer
+
+
+def make_admin_app(signer: Signer, ca_cert: Path, ready: Callable[[], bool]) -> web.Application:
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(_: web.Request) -> web.Response:
+        if ready():
+            return web.json_response({"status": "ready"})
+        return web.json_response({"status": "starting"}, status=503)
+
+    async def jwks(_: web.Request) -> web.Response:
+        return web.json_response(signer.jwks(), headers={"Cache-Control": "max-age=300"})
+
+    async def ca_pem(_: web.Request) -> web.Response:
+        return web.Response(body=ca_cert.read_bytes(), content_type="application/x-pem-file")
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/jwks.json", jwks)
+    app.router.add_get("/.well-known/jwks.json", jwks)
+    app.router.add_get("/ca.pem", ca_pem)
+    return app

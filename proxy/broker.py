@@ -1,0 +1,212 @@
+"""The request path without mitmproxy: attest, decide, strip, inject, describe for audit.
+
+``proxy.addon`` translates mitmproxy's hooks into calls on a Broker; everything here can be
+exercised with plain objects.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from proxy.audit import AuditSink
+from proxy.config import Config
+from proxy.credentials import CREDENTIALS, CredentialProvider, Runtime
+from proxy.errors import ConfigError, KeylessError
+from proxy.model import ANONYMOUS, Attestation, Decision, Grant, GrantContext, Identity, OutboundRequest, Source
+from proxy.policy import PolicyEngine
+from proxy.signing import Signer
+from proxy.strip import strip_credentials
+from proxy.trust import TRUST_PROVIDERS, Caller, TrustProvider
+
+
+@dataclass(slots=True)
+class Exchange:
+    """Everything known about one request so far; becomes its audit record."""
+
+    source: Source
+    decision_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    started: float = field(default_factory=time.perf_counter)
+    time: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"))
+    identity: Identity = ANONYMOUS
+    request: dict[str, Any] = field(default_factory=dict)
+    decision: Decision | None = None
+    grant: Grant | None = None
+    stripped: list[str] = field(default_factory=list)
+    error: KeylessError | None = None
+    audited: bool = False
+
+    @property
+    def refused(self) -> bool:
+        return self.error is not None
+
+
+class Broker:
+    def __init__(self, config: Config, engine: PolicyEngine, signer: Signer, sink: AuditSink,
+                 trust: list[TrustProvider], credentials: dict[str, CredentialProvider]) -> None:
+        self.config = config
+        self.engine = engine
+        self.signer = signer
+        self.sink = sink
+        self.trust = trust
+        self.credentials = credentials
+        self.mode = config.listen.mode
+        self._secret_headers = frozenset(config.strip.headers)
+        self._secret_params = frozenset(config.strip.query_params)
+
+    @staticmethod
+    def build_plugins(config: Config, signer: Signer) -> tuple[list[TrustProvider], dict[str, CredentialProvider]]:
+        """Instantiate trust providers and credentials; raise ConfigError with every problem."""
+        problems: list[str] = []
+        trust = [TRUST_PROVIDERS[p.type].create(p.name, p.options) for p in config.trust]
+        runtime = Runtime(signer=signer)
+        credentials: dict[str, CredentialProvider] = {}
+        for name, p in config.credentials.items():
+            try:
+                credentials[name] = CREDENTIALS[p.type].create(name, p.options, runtime)
+            except ConfigError as e:
+                problems.extend(e.problems)
+        if problems:
+            raise ConfigError(problems)
+        return trust, credentials
+
+    async def attest(self, caller: Caller) -> Identity:
+        """Run every trust provider; the first verified id wins (providers are listed strongest first)."""
+        found: list[Attestation] = []
+        for provider in self.trust:
+            att = await provider.attest(caller)
+            if att is not None:
+                found.append(att)
+        if not found:
+            return ANONYMOUS
+        ident = next((a.id for a in found if a.id is not None), None)
+        return Identity(ident, tuple(found))
+
+    def describe_request(self, ex: Exchange, method: str, scheme: str, host: str, port: int, path: str) -> None:
+        # The path goes to the audit log without its query: query values may carry secrets.
+        ex.request = {"method": method, "scheme": scheme, "host": host, "port": port,
+                      "path": path.split("?", 1)[0]}
+
+    def policy_input(self, ex: Exchange, *, method: str, scheme: str, host: str, port: int, path: str,
+                     query: list[tuple[str, str]], headers: list[tuple[str, str]]) -> dict[str, Any]:
+        from proxy.policy.input import build_input
+
+        return build_input(
+            source=ex.source, identity=ex.identity, method=method, scheme=scheme, host=host, port=port,
+            path=path.split("?", 1)[0], query=query, headers=headers,
+            secret_headers=self._secret_headers, secret_params=self._secret_params,
+            time=ex.time, mode=self.mode,
+        )
+
+    async def decide(self, ex: Exchange, input_doc: dict[str, Any]) -> Decision:
+        decision = await self.engine.decide(input_doc)
+        ex.decision = decision
+        if not decision.allow:
+            raise KeylessError("forbidden", decision.reason or "denied by policy")
+        if decision.credential is not None and decision.credential not in self.credentials:
+            raise KeylessError("credential_unavailable",
+                               f"policy chose credential {decision.credential!r}, which is not configured")
+        return decision
+
+    async def inject(self, ex: Exchange, request: OutboundRequest) -> None:
+        """Strip whatever the app sent, then add the credential the decision named (if any)."""
+        ex.stripped = strip_credentials(request, self.config.strip)
+        decision = ex.decision
+        assert decision is not None and decision.allow
+        if decision.credential is None:
+            return
+        provider = self.credentials[decision.credential]
+        ctx = GrantContext(ex.identity, decision, request.scheme, request.host, request.port)
+        ex.grant = await provider.apply(request, ctx)
+
+    def audit(self, ex: Exchange, status: int | None) -> None:
+        if ex.audited:
+            return
+        ex.audited = True
+        d = ex.decision
+        record: dict[str, Any] = {
+            "decision_id": ex.decision_id,
+            "time": ex.time,
+            "source": {"address": ex.source.address, "port": ex.source.port},
+            "identity": ex.identity.as_input(),
+            "request": ex.request,
+            "decision": None if d is None else {
+                "allow": d.allow, "reason": d.reason, "credential": d.credential,
+                "policy": self.engine.query, "revision": self.engine.revision,
+            },
+            "credential": None if ex.grant is None else ex.grant.as_audit(),
+            "stripped": ex.stripped,
+            "outcome": {"status": status, "error": ex.error.code if ex.error else None,
+                        "message": ex.error.message if ex.error else None},
+            "latency_ms": round((time.perf_counter() - ex.started) * 1000, 3),
+        }
+        self.sink.emit(record)
+
+
+def _norm(host: str) -> str:
+    host = host.strip().lower().rstrip(".")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def split_host_header(value: str, default_port: int) -> tuple[str, int] | None:
+    value = value.strip()
+    if value.startswith("["):
+        end = value.find("]")
+        if end < 0:
+            return None
+        host, rest = value[1:end], value[end + 1:]
+        if rest and not rest.startswith(":"):
+            return None
+        port_text = rest[1:]
+    else:
+        host, _, port_text = value.partition(":")
+    if not host:
+        return None
+    if not port_text:
+        return _norm(host), default_port
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        return None
+    return _norm(host), int(port_text)
+
+
+def check_authority(*, scheme: str, host: str, port: int, host_header: str | None,
+                    connect: tuple[str, int] | None, tls: bool, sni: str | None) -> None:
+    """The CONNECT authority, TLS SNI and Host header must all name the destination.
+
+    mitmproxy never compares them; a mismatch could route a credential meant for one host to
+    another (domain fronting), so it is refused with 421 before anything is injected.
+    """
+    target = _norm(host)
+
+    def misdirected(why: str) -> KeylessError:
+        return KeylessError("misdirected_request", why)
+
+    if connect is not None and (_norm(connect[0]), connect[1]) != (target, port):
+        raise misdirected(f"request for {host}:{port} inside a tunnel to {connect[0]}:{connect[1]}")
+    if tls:
+        if sni is None:
+            if not _is_ip(target):
+                raise misdirected("TLS without SNI for a named host")
+        elif _norm(sni) != target:
+            raise misdirected(f"TLS SNI {sni!r} does not match {host!r}")
+    if host_header is None:
+        return
+    parsed = split_host_header(host_header, 443 if scheme == "https" else 80)
+    if parsed is None:
+        raise KeylessError("bad_request", "malformed Host header")
+    if parsed != (target, port):
+        raise misdirected(f"Host header {host_header!r} does not match {host}:{port}")

@@ -1,0 +1,237 @@
+"""``keyless.yaml`` -> frozen, validated objects; every problem is reported at once.
+
+Sections: listen, admin, tls, trust, policy, strip, credentials, signing, audit. Plug-in
+sections (trust providers, credentials) are validated by their own module's ``parse``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import yaml
+
+from proxy.confread import Section
+from proxy.errors import ConfigError
+
+DEFAULT_STRIP_HEADERS = (
+    "authorization",
+    "proxy-authorization",
+    "x-api-key",
+    "api-key",
+    "apikey",
+    "x-auth-token",
+    "x-access-token",
+    "private-token",
+    "x-goog-api-key",
+    "ocp-apim-subscription-key",
+)
+DEFAULT_STRIP_QUERY = ("api_key", "apikey", "api-key", "access_token", "token")
+
+
+@dataclass(frozen=True, slots=True)
+class ListenConfig:
+    address: str = "127.0.0.1"
+    port: int = 8080
+    mode: str = "regular"
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    enabled: bool = True
+    address: str = "127.0.0.1"
+    port: int = 8081
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    ca_dir: Path
+    upstream_ca: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    dir: Path
+    engine: str = "embedded"
+    decision: str = "data.keyless.egress.decision"
+
+
+@dataclass(frozen=True, slots=True)
+class StripConfig:
+    headers: tuple[str, ...] = DEFAULT_STRIP_HEADERS
+    query_params: tuple[str, ...] = DEFAULT_STRIP_QUERY
+    cookies: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class SigningConfig:
+    algorithm: str = "ES256"
+    key_file: Path | None = None
+    issuer: str = "keyless"
+
+
+@dataclass(frozen=True, slots=True)
+class AuditConfig:
+    path: str = "-"
+
+
+@dataclass(frozen=True, slots=True)
+class PluginConfig:
+    """A trust provider or credential: its name, its type and its type-specific options."""
+
+    name: str
+    type: str
+    options: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    source: Path
+    listen: ListenConfig
+    admin: AdminConfig
+    tls: TlsConfig
+    trust: tuple[PluginConfig, ...]
+    policy: PolicyConfig
+    strip: StripConfig
+    credentials: Mapping[str, PluginConfig]
+    signing: SigningConfig
+    audit: AuditConfig
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate ``path``; raise ConfigError listing every problem found."""
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read config ({e.strerror})"]) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(e, "problem", None) or "invalid YAML"
+        raise ConfigError([f"{where}: malformed YAML ({problem})"]) from None
+    return parse_config(raw, path)
+
+
+def parse_config(raw: Any, source: Path) -> Config:
+    # Imported here: the registries import plug-in modules that import this one's types.
+    from proxy.credentials import CREDENTIALS
+    from proxy.trust import TRUST_PROVIDERS
+
+    problems: list[str] = []
+    base = source.parent.resolve()
+    top = Section(raw, "", problems, base)
+
+    s = top.section("listen")
+    listen = ListenConfig(
+        address=s.str("address", "127.0.0.1"),
+        port=s.int("port", 8080, lo=0, hi=65535),
+        mode=s.choice("mode", ("regular",), "regular"),
+    )
+    s.done()
+
+    s = top.section("admin")
+    admin = AdminConfig(
+        enabled=s.bool("enabled", True),
+        address=s.str("address", "127.0.0.1"),
+        port=s.int("port", 8081, lo=0, hi=65535),
+    )
+    s.done()
+
+    s = top.section("tls")
+    if s.has("verify_upstream") and s.raw["verify_upstream"] is not True:
+        s.error("upstream certificates are always verified; remove this key or set it to true",
+                "verify_upstream")
+    tls = TlsConfig(
+        ca_dir=s.path_value("ca_dir", Path("~/.keyless/ca").expanduser()),
+        upstream_ca=s.path_value("upstream_ca", None),
+    )
+    if tls.upstream_ca is not None and not tls.upstream_ca.is_file():
+        s.error(f"file not found: {tls.upstream_ca}", "upstream_ca")
+    s.done()
+
+    trust: list[PluginConfig] = []
+    raw_trust = top.raw.get("trust")
+    top.has("trust")
+    if raw_trust is not None and not isinstance(raw_trust, list):
+        top.error("must be a list of trust providers", "trust")
+        raw_trust = []
+    seen: set[str] = set()
+    for i, item in enumerate(raw_trust or []):
+        ps = Section(item, f"trust[{i}]", problems, base)
+        name = ps.str("name")
+        kind = ps.choice("type", tuple(TRUST_PROVIDERS))
+        if name in seen:
+            ps.error(f"duplicate trust provider name {name!r}", "name")
+        seen.add(name)
+        if name and kind:
+            trust.append(PluginConfig(name, kind, TRUST_PROVIDERS[kind].parse(ps)))
+        ps.done()
+
+    s = top.section("policy")
+    policy = PolicyConfig(
+        engine=s.choice("engine", ("embedded",), "embedded"),
+        dir=s.path_value("dir", base / "policies"),
+        decision=s.str("decision", "data.keyless.egress.decision"),
+    )
+    if policy.decision and not policy.decision.startswith("data."):
+        s.error("must be a rule path starting with 'data.', e.g. data.keyless.egress.decision",
+                "decision")
+    if not policy.dir.is_dir():
+        s.error(f"directory not found: {policy.dir}", "dir")
+    s.done()
+
+    s = top.section("strip")
+    strip = StripConfig(
+        headers=_lower(s.str_list("headers", DEFAULT_STRIP_HEADERS))
+        + _lower(s.str_list("extra_headers", ())),
+        query_params=s.str_list("query_params", DEFAULT_STRIP_QUERY)
+        + s.str_list("extra_query_params", ()),
+        cookies=s.bool("cookies", True),
+    )
+    s.done()
+
+    credentials: dict[str, PluginConfig] = {}
+    cs = top.section("credentials")
+    for name in cs.raw:
+        item = cs.section(str(name))
+        kind = item.choice("type", tuple(CREDENTIALS))
+        if kind:
+            credentials[str(name)] = PluginConfig(str(name), kind, CREDENTIALS[kind].parse(item))
+        item.done()
+
+    s = top.section("signing")
+    signing = SigningConfig(
+        algorithm=s.choice("algorithm", ("ES256", "RS256", "EdDSA"), "ES256"),
+        key_file=s.path_value("key_file", None),
+        issuer=s.str("issuer", "keyless"),
+    )
+    s.done()
+
+    s = top.section("audit")
+    audit = AuditConfig(path=s.str("path", "-"))
+    s.done()
+
+    top.done()
+    if problems:
+        raise ConfigError(problems)
+    return Config(
+        source=source,
+        listen=listen,
+        admin=admin,
+        tls=tls,
+        trust=tuple(trust),
+        policy=policy,
+        strip=strip,
+        credentials=MappingProxyType(credentials),
+        signing=signing,
+        audit=audit,
+    )
+
+
+def _lower(values: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(v.lower() for v in values)

@@ -1,0 +1,70 @@
+"""Credential providers: each injects one kind of credential into an outgoing request.
+
+``apply`` is called after the app's own credentials were stripped and the policy named this
+credential. It sets headers (or signs the request) and returns a Grant describing what it
+injected without its value. Any failure raises ``KeylessError("credential_unavailable", ...)``:
+a request never leaves with no credential or a stale one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol
+
+from proxy.confread import Section
+from proxy.model import Grant, GrantContext, OutboundRequest
+from proxy.signing import Signer
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    """Shared services a credential provider may use."""
+
+    signer: Signer
+
+
+class CredentialProvider(Protocol):
+    name: str
+    type: str
+
+    async def apply(self, request: OutboundRequest, ctx: GrantContext) -> Grant:
+        """Inject the credential into ``request`` for the caller and call in ``ctx``."""
+        ...
+
+
+class CredentialSpec(NamedTuple):
+    parse: Callable[[Section], Any]
+    # May raise ConfigError (a missing secret): ``keyless check`` reports it with the rest.
+    create: Callable[[str, Any, Runtime], CredentialProvider]
+
+
+def _registry() -> dict[str, CredentialSpec]:
+    from proxy.credentials import jwt, static
+
+    return {
+        "static": CredentialSpec(static.parse, static.StaticCredential),
+        "jwt": CredentialSpec(jwt.parse, jwt.JwtCredential),
+    }
+
+
+def header_template(s: Section, default_header: str = "Authorization",
+                    default_template: str = "Bearer {secret}") -> tuple[str, str]:
+    """Read ``header`` and ``template`` (with exactly one ``{secret}``) from a credential."""
+    header = s.str("header", default_header)
+    template = s.str("template", default_template)
+    if template and template.count("{secret}") != 1:
+        s.error("must contain {secret} exactly once, e.g. 'Bearer {secret}'", "template")
+    if template and any(c in template for c in "\r\n\0"):
+        s.error("must not contain CR, LF or NUL", "template")
+    if header and (not header.isascii() or any(c in header for c in " :\r\n\0")):
+        s.error(f"is not a valid header name: {header!r}", "header")
+    return header, template
+
+
+def render(template: str, secret: str) -> str:
+    # str.replace, not str.format: a secret containing braces must not be interpreted.
+    return template.replace("{secret}", secret)
+
+
+CREDENTIALS: dict[str, CredentialSpec] = _registry()

@@ -1,0 +1,109 @@
+"""``static``: a residual secret from an environment variable or a file.
+
+For APIs that only accept a long-lived key. The app never sees it: Keyless reads it at start,
+re-reads a file when it changes (rotation without restart), and injects it into one header.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from proxy.confread import Section
+from proxy.credentials import Runtime, header_template, render
+from proxy.errors import ConfigError, KeylessError
+from proxy.model import Grant, GrantContext, OutboundRequest, fingerprint
+
+
+@dataclass(frozen=True, slots=True)
+class StaticOptions:
+    source: str
+    env: str | None
+    file: Path | None
+    header: str
+    template: str
+
+
+def parse(s: Section) -> StaticOptions:
+    source = s.choice("from", ("env", "file"), "env" if s.has("env") else "file")
+    env = s.str("env") if source == "env" else None
+    file = s.path_value("file") if source == "file" else None
+    if source == "env" and s.has("file"):
+        s.error("only used with from: file", "file")
+    if source == "file" and s.has("env"):
+        s.error("only used with from: env", "env")
+    header, template = header_template(s)
+    return StaticOptions(source, env, file, header, template)
+
+
+class SecretError(ValueError):
+    """A secret could not be loaded; the message never includes the value."""
+
+
+def check_secret(value: str) -> str:
+    if value.endswith("\r\n"):
+        value = value[:-2]
+    elif value.endswith("\n"):
+        value = value[:-1]
+    if not value:
+        raise SecretError("secret is empty")
+    if any(c in value for c in "\r\n\0"):
+        raise SecretError("secret contains CR, LF or NUL")
+    return value
+
+
+class StaticCredential:
+    type = "static"
+
+    def __init__(self, name: str, options: StaticOptions, runtime: Runtime) -> None:
+        self.name = name
+        self.options = options
+        self._value = ""
+        self._stamp: tuple[int, int, int] | None = None
+        try:
+            self._load()
+        except SecretError as e:
+            raise ConfigError([f"credentials.{name}: {e}"]) from None
+
+    def __repr__(self) -> str:
+        return f"StaticCredential(name={self.name!r}, from={self.options.source!r})"
+
+    def _load(self) -> None:
+        o = self.options
+        if o.source == "env":
+            assert o.env is not None
+            raw = os.environ.get(o.env)
+            if raw is None:
+                raise SecretError(f"environment variable {o.env} is not set")
+            self._value = check_secret(raw)
+            return
+        assert o.file is not None
+        try:
+            st = o.file.stat()
+            raw = o.file.read_text()
+        except OSError as e:
+            raise SecretError(f"cannot read secret file {o.file} ({e.strerror})") from None
+        self._value = check_secret(raw)
+        self._stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def _current(self) -> str:
+        o = self.options
+        if o.file is not None:
+            # A stat per request (about a microsecond) buys rotation without a restart.
+            try:
+                st = o.file.stat()
+            except OSError:
+                raise KeylessError("credential_unavailable", "secret file is missing",
+                                   f"static({self.name})") from None
+            if (st.st_ino, st.st_mtime_ns, st.st_size) != self._stamp:
+                try:
+                    self._load()
+                except SecretError as e:
+                    raise KeylessError("credential_unavailable", str(e), f"static({self.name})") from None
+        return self._value
+
+    async def apply(self, request: OutboundRequest, ctx: GrantContext) -> Grant:
+        value = self._current()
+        request.headers[self.options.header] = render(self.options.template, value)
+        return Grant(self.name, self.type, None, fingerprint(value))

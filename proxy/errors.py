@@ -1,0 +1,50 @@
+"""The one error type Keyless raises on the request path.
+
+Every refusal carries a stable code; the same code appears in the HTTP refusal, the audit
+record and the logs. Messages name who failed and never contain a secret value.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+STATUS: Final[dict[str, int]] = {
+    "bad_request": 400,
+    "forbidden": 403,
+    "attestation_failed": 407,
+    "misdirected_request": 421,
+    "internal_error": 500,
+    "policy_unavailable": 503,
+    "credential_unavailable": 503,
+}
+
+
+class KeylessError(Exception):
+    """A refusal with a stable code, e.g. ``credential_unavailable``.
+
+    ``provider`` names the plug-in that failed (``static(billing-api)``) so that the message
+    reads like SPIRE's ``nodeattestor(k8s_psat): missing token``.
+    """
+
+    def __init__(self, code: str, message: str, provider: str | None = None) -> None:
+        if code not in STATUS:
+            raise ValueError(f"unknown error code {code!r}")
+        self.code = code
+        self.provider = provider
+        self.message = f"{provider}: {message}" if provider else message
+        super().__init__(self.message)
+
+    @property
+    def status(self) -> int:
+        return STATUS[self.code]
+
+    def __repr__(self) -> str:
+        return f"KeylessError({self.code!r}, {self.message!r})"
+
+
+class ConfigError(Exception):
+    """Every problem found in a config file, each as ``key.path: what is wrong``."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(problems))

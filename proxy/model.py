@@ -1,0 +1,118 @@
+"""The values that flow through one request: no I/O, no mitmproxy."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class Attestation:
+    """One piece of verified evidence about the caller, as a trust provider saw it.
+
+    ``facts`` are selectors in SPIRE's sense (CIDR matched, token claims, certificate SAN):
+    data the policy may key on, never a verdict.
+    """
+
+    provider: str
+    type: str
+    id: str | None
+    facts: Mapping[str, Any] = field(default_factory=dict)
+
+    def as_input(self) -> dict[str, Any]:
+        return {"provider": self.provider, "type": self.type, "id": self.id, "facts": dict(self.facts)}
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who is calling: the strongest verified id plus every attestation that contributed."""
+
+    id: str | None
+    attestations: tuple[Attestation, ...] = ()
+
+    def as_input(self) -> dict[str, Any]:
+        return {"id": self.id, "attestations": [a.as_input() for a in self.attestations]}
+
+
+ANONYMOUS = Identity(id=None)
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    address: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The policy's answer, parsed strictly (see ``proxy.policy.result``)."""
+
+    allow: bool
+    reason: str = ""
+    credential: str | None = None
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What was injected, described without its value: safe to log and audit."""
+
+    name: str
+    type: str
+    expires_at: float | None
+    fingerprint: str
+
+    def as_audit(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "type": self.type,
+            "expires_at": self.expires_at,
+            "fingerprint": self.fingerprint,
+        }
+
+
+def fingerprint(value: str | bytes) -> str:
+    """A short SHA-256 fingerprint: enough to correlate with the receiving API's logs."""
+    data = value.encode() if isinstance(value, str) else value
+    return "sha256:" + hashlib.sha256(data).hexdigest()[:16]
+
+
+class OutboundRequest(Protocol):
+    """The parts of an outgoing request that strip and inject may touch.
+
+    mitmproxy's ``http.Request`` satisfies it; tests may pass a plain object.
+    """
+
+    @property
+    def method(self) -> str: ...
+    @property
+    def scheme(self) -> str: ...
+    @property
+    def host(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def headers(self) -> MutableMapping[str, str]: ...
+    @property
+    def query(self) -> MutableMapping[str, str]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class GrantContext:
+    """What a credential provider may know about the call it is minting for."""
+
+    identity: Identity
+    decision: Decision
+    scheme: str
+    host: str
+    port: int
+
+    @property
+    def origin(self) -> str:
+        default = 443 if self.scheme == "https" else 80
+        suffix = "" if self.port == default else f":{self.port}"
+        return f"{self.scheme}://{self.host}{suffix}"
