@@ -31,7 +31,7 @@ class Exchange:
     source: Source
     decision_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     started: float = field(default_factory=time.perf_counter)
-    time: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"))
+    time: str = field(default_factory=lambda: _now_iso())
     identity: Identity = ANONYMOUS
     request: dict[str, Any] = field(default_factory=dict)
     decision: Decision | None = None
@@ -145,6 +145,10 @@ class Broker:
             "latency_ms": round((time.perf_counter() - ex.started) * 1000, 3),
         }
         self.sink.emit(record)
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _norm(host: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -76,7 +77,7 @@ def cmd_env(args: argparse.Namespace) -> int:
         return _problems(e, args.config)
     ca = str(ensure_ca(config.tls.ca_dir))
     host = config.listen.address
-    if host in ("0.0.0.0", "::"):
+    if host in ("0.0.0.0", "::"):  # noqa: S104 - a wildcard listener is reached on loopback
         host = "127.0.0.1"
     proxy_url = f"http://{host}:{config.listen.port}"
     print("# Route this shell's HTTP(S) clients through Keyless and trust its CA.")
@@ -152,10 +153,8 @@ def cmd_demo_api(args: argparse.Namespace) -> int:
         print(f"demo API on http://{args.address}:{args.port} (needs the key in {key_file} or a Keyless JWT)")
         await asyncio.Event().wait()
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(main())
-    except KeyboardInterrupt:
-        pass
     return 0
 
 

@@ -128,17 +128,17 @@ def parse_config(raw: Any, source: Path) -> Config:
 
     s = top.section("listen")
     listen = ListenConfig(
-        address=s.str("address", "127.0.0.1"),
-        port=s.int("port", 8080, lo=0, hi=65535),
+        address=s.text("address", "127.0.0.1"),
+        port=s.integer("port", 8080, lo=0, hi=65535),
         mode=s.choice("mode", ("regular",), "regular"),
     )
     s.done()
 
     s = top.section("admin")
     admin = AdminConfig(
-        enabled=s.bool("enabled", True),
-        address=s.str("address", "127.0.0.1"),
-        port=s.int("port", 8081, lo=0, hi=65535),
+        enabled=s.flag("enabled", True),
+        address=s.text("address", "127.0.0.1"),
+        port=s.integer("port", 8081, lo=0, hi=65535),
     )
     s.done()
 
@@ -163,7 +163,7 @@ def parse_config(raw: Any, source: Path) -> Config:
     seen: set[str] = set()
     for i, item in enumerate(raw_trust or []):
         ps = Section(item, f"trust[{i}]", problems, base)
-        name = ps.str("name")
+        name = ps.text("name")
         kind = ps.choice("type", tuple(TRUST_PROVIDERS))
         if name in seen:
             ps.error(f"duplicate trust provider name {name!r}", "name")
@@ -176,7 +176,7 @@ def parse_config(raw: Any, source: Path) -> Config:
     policy = PolicyConfig(
         engine=s.choice("engine", ("embedded",), "embedded"),
         dir=s.path_value("dir", base / "policies"),
-        decision=s.str("decision", "data.keyless.egress.decision"),
+        decision=s.text("decision", "data.keyless.egress.decision"),
     )
     if policy.decision and not policy.decision.startswith("data."):
         s.error("must be a rule path starting with 'data.', e.g. data.keyless.egress.decision",
@@ -191,7 +191,7 @@ def parse_config(raw: Any, source: Path) -> Config:
         + _lower(s.str_list("extra_headers", ())),
         query_params=s.str_list("query_params", DEFAULT_STRIP_QUERY)
         + s.str_list("extra_query_params", ()),
-        cookies=s.bool("cookies", True),
+        cookies=s.flag("cookies", True),
     )
     s.done()
 
@@ -208,12 +208,12 @@ def parse_config(raw: Any, source: Path) -> Config:
     signing = SigningConfig(
         algorithm=s.choice("algorithm", ("ES256", "RS256", "EdDSA"), "ES256"),
         key_file=s.path_value("key_file", None),
-        issuer=s.str("issuer", "keyless"),
+        issuer=s.text("issuer", "keyless"),
     )
     s.done()
 
     s = top.section("audit")
-    audit = AuditConfig(path=s.str("path", "-"))
+    audit = AuditConfig(path=s.text("path", "-"))
     s.done()
 
     top.done()

@@ -55,13 +55,13 @@ class Section:
             return default if default is not _MISSING else None
         return checked
 
-    def str(self, key: str, default: Any = _MISSING) -> Any:
+    def text(self, key: str, default: Any = _MISSING) -> Any:
         return self._get(key, default, lambda v: v if isinstance(v, str) and v else None, "a non-empty string")
 
-    def bool(self, key: str, default: Any = _MISSING) -> Any:
+    def flag(self, key: str, default: Any = _MISSING) -> Any:
         return self._get(key, default, lambda v: v if isinstance(v, bool) else None, "true or false")
 
-    def int(self, key: str, default: Any = _MISSING, lo: int = 0, hi: int = 2**31) -> Any:
+    def integer(self, key: str, default: Any = _MISSING, lo: int = 0, hi: int = 2**31) -> Any:
         def check(v: Any) -> int | None:
             ok = isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
             return v if ok else None

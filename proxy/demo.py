@@ -62,7 +62,8 @@ def make_tls_files(directory: Path, hosts: tuple[str, ...] = ("localhost", "127.
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .sign(ca_key, hashes.SHA256()))
-    ca_file, cert_file, key_file = directory / "upstream-ca.pem", directory / "upstream.pem", directory / "upstream-key.pem"
+    ca_file = directory / "upstream-ca.pem"
+    cert_file, key_file = directory / "upstream.pem", directory / "upstream-key.pem"
     ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,

@@ -125,7 +125,8 @@ async def serve(prep: Prepared) -> int:
             await web.TCPSite(runner, config.admin.address, config.admin.port).start()
         except OSError as e:
             await runner.cleanup()
-            raise ConfigError([f"admin: cannot listen on {config.admin.address}:{config.admin.port} ({e.strerror})"]) from None
+            where = f"{config.admin.address}:{config.admin.port}"
+            raise ConfigError([f"admin: cannot listen on {where} ({e.strerror})"]) from None
 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

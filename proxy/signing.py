@@ -13,7 +13,7 @@ import json
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import jwt
 from cryptography.hazmat.primitives import serialization
@@ -45,7 +45,7 @@ class Signer:
                     "EdDSA": ed25519.Ed25519PrivateKey}[algorithm]
         if not isinstance(key, expected):
             raise ConfigError([f"signing.key_file: key type does not match algorithm {algorithm}"])
-        return cls(algorithm, key, issuer)
+        return cls(algorithm, cast(PrivateKey, key), issuer)
 
     def mint(self, subject: str, audience: str | list[str], ttl: float,
              extra: dict[str, Any] | None = None, issuer: str | None = None) -> tuple[str, float]:

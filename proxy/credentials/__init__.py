@@ -51,8 +51,8 @@ def _registry() -> dict[str, CredentialSpec]:
 def header_template(s: Section, default_header: str = "Authorization",
                     default_template: str = "Bearer {secret}") -> tuple[str, str]:
     """Read ``header`` and ``template`` (with exactly one ``{secret}``) from a credential."""
-    header = s.str("header", default_header)
-    template = s.str("template", default_template)
+    header = s.text("header", default_header)
+    template = s.text("template", default_template)
     if template and template.count("{secret}") != 1:
         s.error("must contain {secret} exactly once, e.g. 'Bearer {secret}'", "template")
     if template and any(c in template for c in "\r\n\0"):

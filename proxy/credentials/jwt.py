@@ -28,9 +28,9 @@ class JwtOptions:
 def parse(s: Section) -> JwtOptions:
     header, template = header_template(s)
     return JwtOptions(
-        audience=s.str("audience", None),
-        ttl=s.int("ttl", 300, lo=30, hi=3600),
-        issuer=s.str("issuer", None),
+        audience=s.text("audience", None),
+        ttl=s.integer("ttl", 300, lo=30, hi=3600),
+        issuer=s.text("issuer", None),
         header=header,
         template=template,
     )

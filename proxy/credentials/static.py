@@ -27,7 +27,7 @@ class StaticOptions:
 
 def parse(s: Section) -> StaticOptions:
     source = s.choice("from", ("env", "file"), "env" if s.has("env") else "file")
-    env = s.str("env") if source == "env" else None
+    env = s.text("env") if source == "env" else None
     file = s.path_value("file") if source == "file" else None
     if source == "env" and s.has("file"):
         s.error("only used with from: file", "file")

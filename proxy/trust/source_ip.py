@@ -33,7 +33,7 @@ def parse(s: Section) -> SourceIpOptions:
         row = Section(item, s.key_path(f"workloads[{i}]"), s.problems, s.base_dir)
         net = row.cidr(row.raw.get("cidr"), "cidr")
         row.has("cidr")
-        wid = row.str("id")
+        wid = row.text("id")
         row.done()
         if net is not None and wid:
             rows.append((net, wid))

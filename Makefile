@@ -1,0 +1,34 @@
+# `make run` sets everything up and starts Keyless on the quickstart config;
+# `make test` runs the whole test suite. Both find a Python >= 3.12 on their own.
+PYTHON ?= $(shell scripts/find-python)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint typecheck check demo policy-test clean
+
+$(STAMP): requirements.lock pyproject.toml
+	@test -n "$(PYTHON)" || { echo "no Python >= 3.12 found (set KEYLESS_PYTHON)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check --require-hashes -r requirements.lock
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e .
+	touch $(STAMP)
+
+run: $(STAMP)
+	@test -s .keyless/demo-api-key || { mkdir -p .keyless && $(BIN)/python -c "import secrets; print(secrets.token_urlsafe(24))" > .keyless/demo-api-key && chmod 600 .keyless/demo-api-key; }
+	$(BIN)/keyless run -c keyless.yaml
+
+test: $(STAMP)
+	$(BIN)/keyless policy test policies
+	$(BIN)/ruff check proxy tests
+	$(BIN)/mypy
+	$(BIN)/pytest
+
+demo: $(STAMP)
+	$(BIN)/keyless demo
+
+check: $(STAMP)
+	$(BIN)/keyless check -c keyless.yaml
+
+clean:
+	rm -rf $(VENV) .keyless
