@@ -31,10 +31,10 @@ def _problems(e: ConfigError, path: str) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from proxy.server import prepare
+    from proxy.server import load_and_prepare
 
     try:
-        prep = prepare(_load(args.config))
+        prep = load_and_prepare(Path(args.config))
     except ConfigError as e:
         return _problems(e, args.config)
     print(f"{args.config}: ok (policy revision {prep.engine.revision}, "
@@ -43,13 +43,13 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from proxy.server import prepare, serve
+    from proxy.server import load_and_prepare, serve
 
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("mitmproxy").setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
-        prep = prepare(_load(args.config))
+        prep = load_and_prepare(Path(args.config))
         return asyncio.run(serve(prep))
     except ConfigError as e:
         return _problems(e, args.config)

@@ -181,8 +181,6 @@ def parse_config(raw: Any, source: Path) -> Config:
     if policy.decision and not policy.decision.startswith("data."):
         s.error("must be a rule path starting with 'data.', e.g. data.keyless.egress.decision",
                 "decision")
-    if not policy.dir.is_dir():
-        s.error(f"directory not found: {policy.dir}", "dir")
     s.done()
 
     s = top.section("strip")
@@ -217,9 +215,7 @@ def parse_config(raw: Any, source: Path) -> Config:
     s.done()
 
     top.done()
-    if problems:
-        raise ConfigError(problems)
-    return Config(
+    config = Config(
         source=source,
         listen=listen,
         admin=admin,
@@ -231,6 +227,9 @@ def parse_config(raw: Any, source: Path) -> Config:
         signing=signing,
         audit=audit,
     )
+    if problems:
+        raise ConfigError(problems, partial=config)
+    return config
 
 
 def _lower(values: tuple[str, ...]) -> tuple[str, ...]:

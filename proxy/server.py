@@ -59,6 +59,29 @@ def prepare(config: Config) -> Prepared:
     return Prepared(config, signer, engine, trust, credentials)
 
 
+def load_and_prepare(path: Path) -> Prepared:
+    """``keyless check``: read the config, then secrets and policies, and raise ConfigError
+    with every problem from all three stages (duplicates removed)."""
+    from proxy.config import load_config
+
+    problems: list[str] = []
+    config: Config | None
+    try:
+        config = load_config(path)
+    except ConfigError as e:
+        problems.extend(e.problems)
+        config = e.partial if isinstance(e.partial, Config) else None
+    if config is not None:
+        try:
+            prep = prepare(config)
+        except ConfigError as e:
+            problems.extend(e.problems)
+        else:
+            if not problems:
+                return prep
+    raise ConfigError(list(dict.fromkeys(problems)))
+
+
 def probe_policy(engine: EmbeddedEngine) -> None:
     """Evaluate the decision once: rego-cpp reports some errors (unknown functions) only then."""
     from proxy.errors import KeylessError
