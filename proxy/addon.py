@@ -112,7 +112,8 @@ class KeylessAddon:
         if ex is None:
             return
         if ex.error is None and flow.error is not None:
-            ex.error = KeylessError("bad_request", "upstream or client error: " + flow.error.msg)
+            # Not a refusal: the request was allowed but the client or the upstream went away.
+            ex.failure = flow.error.msg
         self._audit(ex, flow.response.status_code if flow.response else None)
 
     def tcp_start(self, flow: tcp.TCPFlow) -> None:
