@@ -4,20 +4,24 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
 from proxy.signing import Signer
 
 
-def make_admin_app(signer: Signer, ca_cert: Path, ready: Callable[[], bool]) -> web.Application:
+def make_admin_app(signer: Signer, ca_cert: Path, ready: Callable[[], bool],
+                   policy_status: Callable[[], dict[str, Any]] | None = None) -> web.Application:
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
     async def readyz(_: web.Request) -> web.Response:
+        # The policy status (revision, reload and reload-failure counters, cache) rides along.
+        extra = {"policy": policy_status()} if policy_status is not None else {}
         if ready():
-            return web.json_response({"status": "ready"})
-        return web.json_response({"status": "starting"}, status=503)
+            return web.json_response({"status": "ready", **extra})
+        return web.json_response({"status": "starting", **extra}, status=503)
 
     async def jwks(_: web.Request) -> web.Response:
         return web.json_response(signer.jwks(), headers={"Cache-Control": "max-age=300"})

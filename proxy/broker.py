@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -18,7 +19,7 @@ from proxy.config import Config
 from proxy.credentials import CREDENTIALS, CredentialProvider, Runtime
 from proxy.errors import ConfigError, KeylessError
 from proxy.model import ANONYMOUS, Attestation, Decision, Grant, GrantContext, Identity, OutboundRequest, Source
-from proxy.policy import PolicyEngine
+from proxy.policy import PolicyEngine, PolicyUnavailable
 from proxy.signing import Signer
 from proxy.strip import strip_credentials
 from proxy.trust import TRUST_PROVIDERS, Caller, TrustProvider
@@ -58,6 +59,8 @@ class Broker:
         self.mode = config.listen.mode
         self._secret_headers = frozenset(config.strip.headers)
         self._secret_params = frozenset(config.strip.query_params)
+        # Posture by workload id for input.context.posture (set by the server when configured).
+        self.posture: Callable[[str | None], dict[str, Any]] | None = None
 
     @staticmethod
     def build_plugins(config: Config, signer: Signer) -> tuple[list[TrustProvider], dict[str, CredentialProvider]]:
@@ -96,15 +99,24 @@ class Broker:
                      query: list[tuple[str, str]], headers: list[tuple[str, str]]) -> dict[str, Any]:
         from proxy.policy.input import build_input
 
-        return build_input(
+        doc = build_input(
             source=ex.source, identity=ex.identity, method=method, scheme=scheme, host=host, port=port,
             path=path.split("?", 1)[0], query=query, headers=headers,
             secret_headers=self._secret_headers, secret_params=self._secret_params,
             time=ex.time, mode=self.mode,
         )
+        if self.posture is not None:
+            doc["context"]["posture"] = self.posture(ex.identity.id)
+        return doc
 
     async def decide(self, ex: Exchange, input_doc: dict[str, Any]) -> Decision:
-        decision = await self.engine.decide(input_doc)
+        try:
+            decision = await self.engine.decide(input_doc)
+        except PolicyUnavailable as e:
+            # The audit record shows a refusal with the reason code and whatever ids exist.
+            ex.decision = Decision(allow=False, reason=e.reason, revision=self.engine.revision,
+                                   engine_decision_id=e.engine_decision_id)
+            raise
         ex.decision = decision
         if not decision.allow:
             raise KeylessError("forbidden", decision.reason or "denied by policy")
@@ -137,8 +149,10 @@ class Broker:
             "request": ex.request,
             "decision": None if d is None else {
                 "allow": d.allow, "reason": d.reason, "credential": d.credential,
-                "policy": self.engine.query, "revision": self.engine.revision,
+                "policy": self.engine.query, "revision": d.revision or self.engine.revision,
+                "engine_decision_id": d.engine_decision_id, "cached": d.cached,
             },
+            "policy_revision": d.revision if d is not None and d.revision else self.engine.revision,
             "credential": None if ex.grant is None else ex.grant.as_audit(),
             "stripped": ex.stripped,
             "outcome": _outcome(ex, status),

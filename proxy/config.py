@@ -16,6 +16,7 @@ import yaml
 
 from proxy.confread import Section
 from proxy.errors import ConfigError
+from proxy.policy.options import ENGINES, PolicyExtras, parse_extras
 
 DEFAULT_STRIP_HEADERS = (
     "authorization",
@@ -57,6 +58,7 @@ class PolicyConfig:
     dir: Path
     engine: str = "embedded"
     decision: str = "data.keyless.egress.decision"
+    extras: PolicyExtras = PolicyExtras()
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,10 +175,12 @@ def parse_config(raw: Any, source: Path) -> Config:
         ps.done()
 
     s = top.section("policy")
+    engine = s.choice("engine", ENGINES, "embedded")
     policy = PolicyConfig(
-        engine=s.choice("engine", ("embedded",), "embedded"),
+        engine=engine,
         dir=s.path_value("dir", base / "policies"),
         decision=s.text("decision", "data.keyless.egress.decision"),
+        extras=parse_extras(s, engine),
     )
     if policy.decision and not policy.decision.startswith("data."):
         s.error("must be a rule path starting with 'data.', e.g. data.keyless.egress.decision",

@@ -53,6 +53,12 @@ class Decision:
     reason: str = ""
     credential: str | None = None
     params: Mapping[str, Any] = field(default_factory=dict)
+    # Set by the engine, not the policy: how long this decision may be reused (``cache_ttl``),
+    # the policy revision that produced it, and the engine's own decision id (OPA's).
+    cache_ttl: float | None = None
+    revision: str | None = None
+    engine_decision_id: str | None = None
+    cached: bool = False
 
 
 @dataclass(frozen=True, slots=True)

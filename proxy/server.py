@@ -16,7 +16,9 @@ from proxy.ca import ensure_ca
 from proxy.config import Config
 from proxy.credentials import CredentialProvider
 from proxy.errors import ConfigError
+from proxy.policy import PolicyEngine
 from proxy.policy.embedded import EmbeddedEngine, PolicyLoadError
+from proxy.policy.runtime import PolicyRuntime, build_policy
 from proxy.signing import Signer
 from proxy.trust import TrustProvider
 
@@ -27,9 +29,10 @@ log = logging.getLogger("keyless")
 class Prepared:
     config: Config
     signer: Signer
-    engine: EmbeddedEngine
+    engine: PolicyEngine
     trust: list[TrustProvider]
     credentials: dict[str, CredentialProvider]
+    policy: PolicyRuntime | None = None
 
 
 def prepare(config: Config) -> Prepared:
@@ -40,10 +43,11 @@ def prepare(config: Config) -> Prepared:
         signer = Signer.create(config.signing.algorithm, config.signing.key_file, config.signing.issuer)
     except ConfigError as e:
         problems.extend(e.problems)
-    engine: EmbeddedEngine | None = None
+    policy: PolicyRuntime | None = None
     try:
-        engine = EmbeddedEngine.from_dir(config.policy.dir, config.policy.decision)
-        probe_policy(engine)
+        # Reads, compiles, probes and tests the policy (or, for OPA, its local copy if any).
+        policy = build_policy(config.policy.engine, config.policy.dir, config.policy.decision,
+                              config.policy.extras)
     except PolicyLoadError as e:
         problems.extend(f"policy: {p}" for p in e.problems)
     trust: list[TrustProvider] = []
@@ -55,8 +59,8 @@ def prepare(config: Config) -> Prepared:
             problems.extend(e.problems)
     if problems:
         raise ConfigError(problems)
-    assert signer is not None and engine is not None
-    return Prepared(config, signer, engine, trust, credentials)
+    assert signer is not None and policy is not None
+    return Prepared(config, signer, policy.engine, trust, credentials, policy)
 
 
 def load_and_prepare(path: Path) -> Prepared:
@@ -111,6 +115,9 @@ async def serve(prep: Prepared) -> int:
     ca_cert = ensure_ca(config.tls.ca_dir)
     sink: AuditSink = JsonLinesSink(config.audit.path)
     broker = Broker(config, prep.engine, prep.signer, sink, prep.trust, prep.credentials)
+    policy = prep.policy
+    if policy is not None and policy.posture is not None:
+        broker.posture = policy.posture.lookup
 
     master = Master(options.Options())
     ready = asyncio.Event()
@@ -138,11 +145,16 @@ async def serve(prep: Prepared) -> int:
         ssl_verify_upstream_trusted_ca=str(config.tls.upstream_ca) if config.tls.upstream_ca else None,
     )
 
+    def is_ready() -> bool:
+        # Ready once mitmproxy listens and the policy engine has answered (OPA: at least once).
+        return ready.is_set() and (policy is None or policy.ready())
+
     runner: web.AppRunner | None = None
     if config.admin.enabled:
         from proxy.admin import make_admin_app
 
-        runner = web.AppRunner(make_admin_app(prep.signer, ca_cert, ready.is_set), access_log=None)
+        status = policy.status if policy is not None else None
+        runner = web.AppRunner(make_admin_app(prep.signer, ca_cert, is_ready, status), access_log=None)
         await runner.setup()
         try:
             await web.TCPSite(runner, config.admin.address, config.admin.port).start()
@@ -156,9 +168,13 @@ async def serve(prep: Prepared) -> int:
         loop.add_signal_handler(sig, master.shutdown)
     log.info("keyless listening on %s:%d (policy revision %s, CA %s)", config.listen.address,
              config.listen.port, prep.engine.revision, ca_cert)
+    if policy is not None:
+        await policy.start()
     try:
         await master.run()
     finally:
+        if policy is not None:
+            await policy.stop()
         sink.close()
         if runner is not None:
             await runner.cleanup()

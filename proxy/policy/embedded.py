@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from regopy.rego_shared import (
 
 from proxy.errors import KeylessError
 from proxy.model import Decision
+from proxy.policy import PolicyUnavailable
 from proxy.policy.result import UNDEFINED, parse_decision
 
 # rego-cpp prints diagnostics to stdout by default; Keyless reports them itself, on one line.
@@ -47,6 +48,15 @@ class PolicySource:
     modules: tuple[tuple[str, str], ...]  # (path shown in errors, source text)
     data: dict[str, Any]
     revision: str
+
+    def without_tests(self) -> PolicySource:
+        """The modules the engine serves: ``*_test.rego`` files run only under ``policy test``."""
+        kept = tuple(m for m in self.modules if not m[0].endswith("_test.rego"))
+        return replace(self, modules=kept)
+
+    @property
+    def has_tests(self) -> bool:
+        return any(name.endswith("_test.rego") for name, _ in self.modules)
 
 
 def read_policy_dir(directory: Path, *, with_tests: bool = False) -> PolicySource:
@@ -147,7 +157,7 @@ class EmbeddedEngine:
         self.query = query
         self.revision = source.revision
         self._entry = entrypoint(query)
-        self._interp, self._bundle = compile_modules(source, [self._entry])
+        self._interp, self._bundle = compile_modules(source.without_tests(), [self._entry])
         self._source = f"policy({query})"
 
     @classmethod
@@ -158,10 +168,14 @@ class EmbeddedEngine:
         try:
             defined, value = evaluate(self._interp, self._bundle, self._entry, input_doc)
         except (ValueError, regopy.RegoError) as e:
-            raise KeylessError("policy_unavailable", f"evaluation failed: {e}", self._source) from None
+            raise PolicyUnavailable("policy_error", f"evaluation failed: {e}", self._source) from None
         if not defined:
-            return UNDEFINED
-        return parse_decision(value, self._source)
+            return replace(UNDEFINED, revision=self.revision)
+        try:
+            decision = parse_decision(value, self._source)
+        except KeylessError as e:
+            raise PolicyUnavailable("malformed_decision", e.message) from None
+        return replace(decision, revision=self.revision)
 
     async def decide(self, input_doc: dict[str, Any]) -> Decision:
         # Evaluation is CPU-only (tens of microseconds): no reason to leave the event loop.

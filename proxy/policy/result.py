@@ -31,4 +31,8 @@ def parse_decision(value: Any, source: str) -> Decision:
     params = value.get("params", {})
     if not isinstance(params, dict):
         raise bad("'params' must be an object")
-    return Decision(allow=allow, reason=reason, credential=credential, params=params)
+    ttl = value.get("cache_ttl")
+    if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int | float) or ttl < 0):
+        raise bad("'cache_ttl' must be a number of seconds >= 0")
+    return Decision(allow=allow, reason=reason, credential=credential, params=params,
+                    cache_ttl=float(ttl) if ttl else None)

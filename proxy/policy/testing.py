@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from proxy.policy.embedded import PolicyLoadError, compile_modules, evaluate, read_policy_dir
+from proxy.policy.embedded import PolicyLoadError, PolicySource, compile_modules, evaluate, read_policy_dir
 
 _PACKAGE = re.compile(r"^package\s+([\w.]+)", re.MULTILINE)
 _TEST_RULE = re.compile(r"^(test_\w+)\b", re.MULTILINE)
@@ -35,9 +35,16 @@ def discover(modules: tuple[tuple[str, str], ...]) -> list[str]:
 
 def run_tests(directory: Path) -> list[TestResult]:
     source = read_policy_dir(directory, with_tests=True)
+    if not discover(source.modules):
+        raise PolicyLoadError([f"{directory}: no test_ rules in *_test.rego files"])
+    return run_source_tests(source)
+
+
+def run_source_tests(source: PolicySource) -> list[TestResult]:
+    """Run the test rules of an already-read directory or bundle (hot reload vets versions so)."""
     tests = discover(source.modules)
     if not tests:
-        raise PolicyLoadError([f"{directory}: no test_ rules in *_test.rego files"])
+        return []
     entries = [t.removeprefix("data.").replace(".", "/") for t in tests]
     interp, bundle = compile_modules(source, entries)
     results: list[TestResult] = []
