@@ -37,6 +37,9 @@ default decision := {"allow": false, "reason": "no grant allows this call"}
 
 decision := {"allow": false, "reason": "caller has no attested workload identity"} if {
 	input.identity.id == null
+} else := {"allow": false, "reason": "workload posture is failing"} if {
+	# Present only when policy.posture is configured (a scanner's or EDR's export).
+	input.context.posture.workload.status == "fail"
 } else := {"allow": true, "reason": granted[0].reason, "credential": granted[0].credential} if {
 	count(granted) > 0
 } else := {"allow": false, "reason": sprintf("no grant allows %s to %s %s%s", [

@@ -54,3 +54,18 @@ test_anonymous_denied if {
 	d.allow == false
 	d.reason == "caller has no attested workload identity"
 }
+
+test_failing_posture_denied if {
+	d := egress.decision with input.identity as {"id": "spiffe://demo.local/billing", "attestations": []}
+		with input.request as {"method": "GET", "scheme": "https", "host": "localhost", "port": 443, "path": "/v1/invoices", "query": {}, "headers": {}}
+		with input.context as {"time": "2026-01-01T00:00:00Z", "posture": {"workload": {"status": "fail"}, "stale": false}}
+	d.allow == false
+	d.reason == "workload posture is failing"
+}
+
+test_passing_posture_allowed if {
+	d := egress.decision with input.identity as {"id": "spiffe://demo.local/billing", "attestations": []}
+		with input.request as {"method": "GET", "scheme": "https", "host": "localhost", "port": 443, "path": "/v1/invoices", "query": {}, "headers": {}}
+		with input.context as {"time": "2026-01-01T00:00:00Z", "posture": {"workload": {"status": "pass"}, "stale": false}}
+	d.allow == true
+}

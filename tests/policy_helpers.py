@@ -1,0 +1,84 @@
+"""Processes and files for the policy tests: the OPA stand-in and policy directories to edit."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from proxy.demo import free_port
+from tests.harness import REPO, Keyless
+
+
+class OpaProcess:
+    """``tests/opa_standin.py`` in a subprocess (it stands in for OPA; see its docstring)."""
+
+    def __init__(self, policies: Path, port: int | None = None) -> None:
+        self.policies = policies
+        self.port = port or free_port()
+        self.proc: subprocess.Popen[str] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> OpaProcess:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.opa_standin", "--policies", str(self.policies), "--port", str(self.port)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert line.strip() == "ready", line
+        return self
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = requests.get(self.url + "/_standin/stats", timeout=5).json()
+        return out
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+def copy_policies(dest: Path) -> Path:
+    shutil.copytree(REPO / "policies", dest)
+    return dest
+
+
+def make_bundle(directory: Path, revision: str | None = None) -> bytes:
+    """A bundle.tar.gz of ``directory`` as ``opa build`` lays it out (files at the root)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for f in sorted(directory.rglob("*")):
+            if f.is_file():
+                tar.add(f, arcname="/" + str(f.relative_to(directory)))
+        if revision is not None:
+            data = ('{"revision": "%s"}' % revision).encode()
+            info = tarfile.TarInfo("/.manifest")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def start_unready(k: Keyless) -> None:
+    """Start Keyless without waiting for /readyz (for readiness tests)."""
+    with open(k.log_file, "wb") as log:
+        k.proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy.cli", "run", "-c", str(k.config_file), "--log-level", "debug"],
+            stdout=log, stderr=subprocess.STDOUT, env=k.env, cwd=k.tmp)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            requests.get(k.admin_url + "/healthz", timeout=1)
+            return
+        except requests.ConnectionError:
+            time.sleep(0.1)
+    raise RuntimeError("keyless did not start")

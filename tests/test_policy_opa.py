@@ -1,0 +1,205 @@
+"""engine: opa against the OPA stand-in (tests/opa_standin.py; no opa binary exists here)."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from proxy.demo import free_port
+from proxy.model import Decision
+from proxy.policy import PolicyUnavailable
+from proxy.policy.embedded import EmbeddedEngine
+from proxy.policy.opa import OpaEngine
+from proxy.policy.options import OpaOptions
+from tests.harness import REPO, Keyless, Upstream, base_config, wait_for_audit
+from tests.policy_helpers import OpaProcess, start_unready
+
+QUERY = "data.keyless.egress.decision"
+BILLING = "spiffe://demo.local/billing"
+
+
+def doc(ident: str | None, method: str = "GET", host: str = "localhost", path: str = "/v1/invoices",
+        posture: dict[str, Any] | None = None, headers: dict[str, str] | None = None) -> dict[str, Any]:
+    ctx: dict[str, Any] = {"time": "2026-11-22T10:00:00Z", "mode": "regular"}
+    if posture is not None:
+        ctx["posture"] = posture
+    return {
+        "source": {"address": "127.0.0.1", "port": 40000},
+        "identity": {"id": ident, "attestations": [{"provider": "loopback", "type": "source_ip", "id": ident,
+                                                     "facts": {"cidr": "127.0.0.0/8"}}] if ident else []},
+        "request": {"method": method, "scheme": "https", "host": host, "port": 443, "path": path,
+                    "query": {"page": ["2"]}, "headers": headers or {"user-agent": "curl/8"}},
+        "context": ctx,
+    }
+
+
+TABLE = [
+    doc(BILLING),
+    doc(BILLING, "HEAD", "127.0.0.1", "/v1/x"),
+    doc(BILLING, "POST", path="/v1/reports"),
+    doc(BILLING, "POST", path="/v1/invoices"),
+    doc(BILLING, "DELETE"),
+    doc(BILLING, host="evil.example"),
+    doc(BILLING, path="/admin"),
+    doc("spiffe://demo.local/other"),
+    doc(None),
+    doc(BILLING, posture={"workload": {"status": "fail"}, "stale": False, "age_seconds": 1.0}),
+    doc(BILLING, posture={"workload": {"status": "pass"}, "stale": False, "age_seconds": 1.0}),
+    doc(BILLING, posture={"workload": None, "stale": True, "age_seconds": None}),
+]
+
+
+@pytest.fixture
+def opa() -> Iterator[OpaProcess]:
+    o = OpaProcess(REPO / "policies").start()
+    yield o
+    o.stop()
+
+
+def _essence(d: Decision) -> tuple[Any, ...]:
+    return (d.allow, d.reason, d.credential, dict(d.params), d.cache_ttl)
+
+
+def test_both_engines_give_identical_decisions(opa: OpaProcess) -> None:
+    embedded = EmbeddedEngine.from_dir(REPO / "policies", QUERY)
+
+    async def ask_opa() -> list[Decision]:
+        engine = OpaEngine(OpaOptions(url=opa.url, timeout_ms=2000), QUERY)
+        try:
+            return [await engine.decide(d) for d in TABLE]
+        finally:
+            await engine.aclose()
+
+    remote = asyncio.run(ask_opa())
+    local = [embedded.decide_sync(d) for d in TABLE]
+    assert [_essence(d) for d in remote] == [_essence(d) for d in local]
+    assert {d.allow for d in local} == {True, False}
+    # OPA's decision id and the bundle revision come back with every answer.
+    assert all(d.engine_decision_id for d in remote)
+    assert {d.revision for d in remote} == {embedded.revision}
+
+
+def test_undefined_path_is_a_deny_with_opa_semantics(opa: OpaProcess) -> None:
+    # OPA answers 200 with no "result" for an undefined document: a deny, never an error or allow.
+    raw = requests.post(opa.url + "/v1/data/keyless/nothing/here", json={"input": TABLE[0]}, timeout=5)
+    assert raw.status_code == 200 and "result" not in raw.json() and raw.json()["decision_id"]
+
+    async def ask() -> Decision:
+        engine = OpaEngine(OpaOptions(url=opa.url, path="keyless/nothing/here"), QUERY)
+        try:
+            return await engine.decide(TABLE[0])
+        finally:
+            await engine.aclose()
+
+    d = asyncio.run(ask())
+    assert d.allow is False and d.reason == "policy decision is undefined" and d.engine_decision_id
+
+
+@pytest.mark.parametrize(("fault", "reason"), [
+    ("slow", "opa_timeout"), ("500", "opa_http_error"), ("not-json", "opa_malformed_response"),
+    ("malformed", "malformed_decision"), ("down", "opa_unreachable"),
+])
+def test_faults_refuse_within_the_timeout(opa: OpaProcess, fault: str, reason: str) -> None:
+    url = f"http://127.0.0.1:{free_port()}" if fault == "down" else opa.url
+
+    async def ask() -> tuple[PolicyUnavailable, float]:
+        engine = OpaEngine(OpaOptions(url=url, timeout_ms=200), QUERY)
+        try:
+            started = time.perf_counter()
+            with pytest.raises(PolicyUnavailable) as err:
+                await engine.decide(doc(BILLING, headers={"x-standin-fault": fault}))
+            return err.value, time.perf_counter() - started
+        finally:
+            await engine.aclose()
+
+    error, elapsed = asyncio.run(ask())
+    assert error.code == "policy_unavailable" and error.reason == reason
+    assert elapsed < 0.5
+
+
+def _curl(k: Keyless, url: str, *headers: str) -> tuple[int, dict[str, Any] | None, float]:
+    args = ["curl", "-sS", "-o", "-", "-w", "\n%{http_code}"]
+    for h in headers:
+        args += ["-H", h]
+    started = time.perf_counter()
+    out = subprocess.run([*args, url], env=k.client_env(), capture_output=True, text=True, timeout=30)
+    elapsed = time.perf_counter() - started
+    body, _, code = out.stdout.rpartition("\n")
+    try:
+        parsed = json.loads(body) if body else None
+    except json.JSONDecodeError:
+        parsed = None
+    return int(code or 0), parsed, elapsed
+
+
+def test_keyless_with_opa_end_to_end(tmp_path: Path, upstream: Upstream, opa: OpaProcess) -> None:
+    (tmp_path / "key").write_text("canary-opa-key-42\n")
+    cfg = base_config(tmp_path, upstream,
+                      policy={"engine": "opa", "opa": {"url": opa.url, "timeout_ms": 300}},
+                      credentials={"demo-api": {"type": "static", "from": "file", "file": str(tmp_path / "key")},
+                                   "workload-jwt": {"type": "jwt"}})
+    k = Keyless(tmp_path, cfg).start()
+    try:
+        url = upstream.url("/v1/invoices")
+        # A slow OPA answer for one request is refused within the timeout while others proceed.
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            slow = pool.submit(_curl, k, url, "X-Standin-Fault: slow", "X-Standin-Delay: 3")
+            fast = [pool.submit(_curl, k, url) for _ in range(12)]
+            fast_results = [f.result() for f in fast]
+            slow_status, slow_body, slow_elapsed = slow.result()
+        assert [r[0] for r in fast_results] == [200] * 12
+        assert slow_status == 503 and slow_body is not None and slow_body["error"] == "policy_unavailable"
+        assert slow_elapsed < 2.5
+        assert _curl(k, url, "X-Standin-Fault: 500")[0] == 503
+        assert _curl(k, url, "X-Standin-Fault: malformed")[0] == 503
+        assert _curl(k, url, "X-Standin-Fault: not-json")[0] == 503
+        status, body, _ = _curl(k, url, "X-Standin-Fault: undefined")
+        assert status == 403 and body is not None and body["error"] == "forbidden"
+        ready = requests.get(k.admin_url + "/readyz", timeout=5).json()
+    finally:
+        log = k.stop()
+    records = wait_for_audit(k, 17)
+    assert len(records) == 17
+    allowed = [r for r in records if r["outcome"]["status"] == 200]
+    assert len(allowed) == 12
+    revision = records[0]["policy_revision"]
+    assert revision.startswith("sha256:") and ready["policy"]["revision"] == revision
+    for r in allowed:
+        assert r["decision"]["engine_decision_id"] and r["decision"]["revision"] == revision
+    reasons = sorted(r["decision"]["reason"] for r in records if r["outcome"]["error"] == "policy_unavailable")
+    assert reasons == ["malformed_decision", "opa_http_error", "opa_malformed_response", "opa_timeout"]
+    undefined = [r for r in records if r["outcome"]["error"] == "forbidden"]
+    assert undefined[0]["decision"]["engine_decision_id"]
+    # One pooled keep-alive connection pool, not a connection per decision.
+    assert opa.stats()["connections"] <= 8
+    assert "canary-opa-key" not in log and "canary-opa-key" not in k.audit_file.read_text()
+
+
+def test_not_ready_until_opa_has_answered(tmp_path: Path) -> None:
+    port = free_port()
+    cfg = base_config(tmp_path, policy={"engine": "opa", "opa": {"url": f"http://127.0.0.1:{port}",
+                                                                 "ready_interval": 0.1}})
+    k = Keyless(tmp_path, cfg)
+    start_unready(k)
+    opa = OpaProcess(REPO / "policies", port)
+    try:
+        time.sleep(0.5)
+        r = requests.get(k.admin_url + "/readyz", timeout=5)
+        assert r.status_code == 503 and r.json()["policy"]["answered"] is False
+        opa.start()
+        deadline = time.monotonic() + 10
+        while requests.get(k.admin_url + "/readyz", timeout=5).status_code != 200:
+            assert time.monotonic() < deadline, "never became ready"
+            time.sleep(0.1)
+    finally:
+        k.stop()
+        opa.stop()
