@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import shutil
 import subprocess
 import sys
@@ -61,7 +62,7 @@ def make_bundle(directory: Path, revision: str | None = None) -> bytes:
             if f.is_file():
                 tar.add(f, arcname="/" + str(f.relative_to(directory)))
         if revision is not None:
-            data = ('{"revision": "%s"}' % revision).encode()
+            data = json.dumps({"revision": revision}).encode()
             info = tarfile.TarInfo("/.manifest")
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
