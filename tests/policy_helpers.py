@@ -83,3 +83,74 @@ def start_unready(k: Keyless) -> None:
         except requests.ConnectionError:
             time.sleep(0.1)
     raise RuntimeError("keyless did not start")
+
+
+class BundleServer:
+    """A real HTTP bundle server on loopback: serves one bundle.tar.gz with an ETag and answers
+    ``If-None-Match`` with 304, as OPA's bundle service API expects."""
+
+    def __init__(self) -> None:
+        import asyncio
+        import threading
+
+        from aiohttp import web
+
+        self.port = free_port()
+        self.body = b""
+        self.etag = ""
+        self.not_modified = 0
+        self.full = 0
+        started = threading.Event()
+
+        async def handle(request: web.Request) -> web.Response:
+            if request.headers.get("If-None-Match") == self.etag:
+                self.not_modified += 1
+                return web.Response(status=304, headers={"ETag": self.etag})
+            self.full += 1
+            return web.Response(body=self.body, headers={"ETag": self.etag, "Content-Type": "application/gzip"})
+
+        async def main() -> None:
+            app = web.Application()
+            app.router.add_get("/bundles/keyless.tar.gz", handle)
+            self._runner = web.AppRunner(app, access_log=None)
+            await self._runner.setup()
+            await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+            started.set()
+
+        def run() -> None:
+            self._loop = asyncio.new_event_loop()
+            self._loop.run_until_complete(main())
+            self._loop.run_forever()
+
+        threading.Thread(target=run, daemon=True).start()
+        assert started.wait(10)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/bundles/keyless.tar.gz"
+
+    def publish(self, body: bytes) -> None:
+        import hashlib
+
+        self.body, self.etag = body, '"' + hashlib.sha256(body).hexdigest()[:16] + '"'
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Editors and config management replace files by rename; a half-written file is never seen."""
+    import os
+
+    tmp = path.with_name("." + path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def readyz(k: Keyless) -> dict[str, Any]:
+    out: dict[str, Any] = requests.get(k.admin_url + "/readyz", timeout=5).json()
+    return out
+
+
+def wait_until(check: Any, timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
