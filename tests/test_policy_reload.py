@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 from pathlib import Path
@@ -12,6 +13,7 @@ from proxy.policy.options import BundleOptions, PolicyExtras, ReloadOptions
 from proxy.policy.runtime import build_policy
 from tests.harness import REPO, Keyless, Upstream, base_config, wait_for_audit
 from tests.policy_helpers import BundleServer, copy_policies, make_bundle, readyz, wait_until, write_atomically
+from tests.test_policy_opa import TABLE
 
 QUERY = "data.keyless.egress.decision"
 OLD_REASON = "billing may read the demo API with its API key"
@@ -136,9 +138,5 @@ def test_bundle_archive_from_a_path_with_nested_data(tmp_path: Path) -> None:
     extras = PolicyExtras(bundle=BundleOptions(path=bundle), reload=ReloadOptions(enabled=False))
     runtime = build_policy("embedded", REPO / "policies", QUERY, extras)
     assert runtime.engine.revision == "2026.11.25-1"
-    from tests.test_policy_opa import TABLE
-
-    import asyncio
-
     d = asyncio.run(runtime.engine.decide(TABLE[0]))
     assert d.allow and d.reason == "reason from nested data.json"
