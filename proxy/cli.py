@@ -132,6 +132,46 @@ def cmd_policy_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_policy_explain(args: argparse.Namespace) -> int:
+    from proxy.policy.bundle import read_bundle_archive
+    from proxy.policy.embedded import PolicyLoadError, read_policy_dir
+    from proxy.policy.explain import explain
+
+    try:
+        doc = json.loads(Path(args.input).read_text() if args.input != "-" else sys.stdin.read())
+    except (OSError, json.JSONDecodeError) as e:
+        print(f"{args.input}: cannot read input JSON ({e})", file=sys.stderr)
+        return 2
+    where = Path(args.dir)
+    try:
+        source = read_bundle_archive(where.read_bytes(), where.name) if where.is_file() else read_policy_dir(where)
+        ex = explain(source, args.decision, doc)
+    except (PolicyLoadError, ValueError) as e:
+        for p in getattr(e, "problems", [str(e)]):
+            print(p, file=sys.stderr)
+        return 2
+    print(f"{args.decision} (revision {source.revision}):")
+    print(json.dumps(ex.decision, indent=2) if ex.defined else "undefined (Keyless denies)")
+    if ex.chosen is not None:
+        print(f"\nproduced by {ex.chosen.where}: {ex.chosen.head}" + (f" if {{ {_one_line(ex.chosen.body)} }}"
+                                                                         if ex.chosen.body else ""))
+    print("\ndefinitions, in evaluation order:")
+    for b, truth in ex.tried:
+        state = ("default" if b.default else "not reached" if truth is None
+                 else "applies" if b.body is None else "body true" if truth else "body false")
+        mark = "  <- chosen" if b is ex.chosen else ""
+        print(f"  {b.where:<28} {state:<12} {_one_line(b.head)[:70]}{mark}")
+    if ex.rules:
+        print("\nother rules of the package, for this input:")
+        for name, value in ex.rules.items():
+            print(f"  {name} = {_one_line(json.dumps(value))[:200]}")
+    return 0
+
+
+def _one_line(text: str | None) -> str:
+    return " ".join((text or "").split())
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from proxy.demo import run_demo
 
@@ -189,6 +229,11 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("-d", "--dir", default="policies")
     e.add_argument("--decision", default="data.keyless.egress.decision")
     e.set_defaults(func=cmd_policy_eval)
+    x = pol.add_parser("explain", help="show which rule definition produced the decision for an input")
+    x.add_argument("-i", "--input", required=True, help="input JSON file, or - for stdin")
+    x.add_argument("-d", "--dir", default="policies", help="policy directory or bundle.tar.gz")
+    x.add_argument("--decision", default="data.keyless.egress.decision")
+    x.set_defaults(func=cmd_policy_explain)
     return p
 
 
