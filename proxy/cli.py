@@ -188,9 +188,26 @@ def cmd_demo_api(args: argparse.Namespace) -> int:
         os.chmod(key_file, 0o600)
     key = key_file.read_text().strip()
 
+    tls = None
+    if args.tls_dir:
+        # A throwaway CA and certificate for --tls-host, made once; Keyless trusts the CA
+        # (tls.upstream_ca), so the client can call the API over HTTPS through Keyless.
+        import ssl
+
+        from proxy.demo import make_tls_files
+
+        tls_dir = Path(args.tls_dir)
+        cert, tls_key = tls_dir / "upstream.pem", tls_dir / "upstream-key.pem"
+        if not cert.exists():
+            tls_dir.mkdir(parents=True, exist_ok=True)
+            make_tls_files(tls_dir, (args.tls_host,))
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(cert, tls_key)
+
     async def main() -> None:
-        await start_demo_api(key, args.jwks, args.address, args.port)
-        print(f"demo API on http://{args.address}:{args.port} (needs the key in {key_file} or a Keyless JWT)")
+        await start_demo_api(key, args.jwks, args.address, args.port, tls)
+        scheme = "https" if tls else "http"
+        print(f"demo API on {scheme}://{args.address}:{args.port} (needs the key in {key_file} or a Keyless JWT)")
         await asyncio.Event().wait()
 
     with contextlib.suppress(KeyboardInterrupt):
@@ -218,6 +235,8 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--port", type=int, default=9000)
     d.add_argument("--key-file", default=".keyless/demo-api-key")
     d.add_argument("--jwks", default="http://127.0.0.1:8081/jwks.json")
+    d.add_argument("--tls-dir", help="serve HTTPS with a CA and certificate made (once) in this directory")
+    d.add_argument("--tls-host", default="localhost", help="the name the certificate is for (with --tls-dir)")
     d.set_defaults(func=cmd_demo_api)
 
     pol = sub.add_parser("policy", help="policy authoring tools").add_subparsers(dest="policy_command", required=True)

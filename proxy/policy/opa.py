@@ -89,7 +89,7 @@ class OpaEngine:
         bundles = provenance.get("bundles") if isinstance(provenance, dict) else None
         if isinstance(bundles, dict) and bundles:
             revs = sorted(f"{name}@{b.get('revision')}" if len(bundles) > 1 else str(b.get("revision"))
-                          for name, b in bundles.items() if isinstance(b, dict))
+                          for name, b in bundles.items() if isinstance(b, dict) and b.get("revision"))
             if revs:
                 self.revision = ",".join(revs)
 
