@@ -20,6 +20,7 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/keyless policy test policies
+	$(BIN)/keyless policy test docs/policy-examples
 	$(BIN)/ruff check proxy tests
 	$(BIN)/mypy
 	$(BIN)/pytest

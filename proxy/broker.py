@@ -105,6 +105,8 @@ class Broker:
             secret_headers=self._secret_headers, secret_params=self._secret_params,
             time=ex.time, mode=self.mode,
         )
+        # rego-cpp lacks time.parse_rfc3339_ns: nanoseconds let time.clock/weekday work on both engines.
+        doc["context"]["time_ns"] = _time_ns(ex.time)
         if self.posture is not None:
             doc["context"]["posture"] = self.posture(ex.identity.id)
         return doc
@@ -167,6 +169,11 @@ def _outcome(ex: Exchange, status: int | None) -> dict[str, Any]:
     if ex.failure is not None:
         return {"status": status, "error": "connection_failed", "message": ex.failure}
     return {"status": status, "error": None, "message": None}
+
+
+def _time_ns(iso: str) -> int:
+    """``context.time`` (millisecond precision) as Unix nanoseconds."""
+    return round(datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp() * 1000) * 1_000_000
 
 
 def _now_iso() -> str:

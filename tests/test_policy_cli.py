@@ -31,6 +31,11 @@ def test_policy_test_reports_each_test_and_fails_on_failure(tmp_path: Path) -> N
     assert "FAIL data.keyless.egress_test.test_billing_reads_with_api_key" in bad.stdout
 
 
+def test_the_guide_examples_pass_their_tests() -> None:
+    out = keyless("policy", "test", "docs/policy-examples")
+    assert out.returncode == 0 and out.stdout.strip().endswith("0 failed"), out.stdout
+
+
 def test_explain_names_the_definition_that_decided(tmp_path: Path) -> None:
     (tmp_path / "allow.json").write_text(json.dumps(doc(BILLING)))
     (tmp_path / "anon.json").write_text(json.dumps(doc(None)))
