@@ -17,7 +17,7 @@ from proxy.policy.options import PostureOptions
 from proxy.policy.posture import Posture
 from proxy.policy.reload import DirLoader, ReloadingEngine
 from tests.harness import REPO, Keyless, Upstream, base_config, wait_for_audit
-from tests.policy_helpers import wait_until, write_atomically
+from tests.policy_helpers import BundleServer, wait_until, write_atomically
 from tests.test_policy_opa import BILLING, doc
 
 QUERY = "data.keyless.egress.decision"
@@ -137,6 +137,15 @@ def test_posture_staleness_is_visible(tmp_path: Path) -> None:
     write_atomically(f, "{not json")
     posture.refresh()  # a broken export keeps the old data (which ages into staleness)
     assert posture.failures == 1 and posture.lookup(BILLING)["workload"] == {"status": "pass"}
+
+
+def test_posture_polled_from_an_http_endpoint() -> None:
+    server = BundleServer()  # any real HTTP server on loopback will do; this one serves one body
+    server.publish(json.dumps({"workloads": {BILLING: {"status": "fail"}}}).encode())
+    posture = Posture(PostureOptions(url=server.url, max_age=60))
+    posture.refresh()
+    assert posture.lookup(BILLING)["workload"] == {"status": "fail"}
+    assert posture.lookup(BILLING)["stale"] is False
 
 
 def _get(k: Keyless, url: str) -> tuple[int, dict[str, Any]]:

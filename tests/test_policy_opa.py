@@ -200,6 +200,11 @@ def test_not_ready_until_opa_has_answered(tmp_path: Path) -> None:
         while requests.get(k.admin_url + "/readyz", timeout=5).status_code != 200:
             assert time.monotonic() < deadline, "never became ready"
             time.sleep(0.1)
+        # OPA going away later: refused at once, never forwarded.
+        opa.stop()
+        status, body, elapsed = _curl(k, "http://localhost:9/v1/invoices")
+        assert status == 503 and body is not None and body["error"] == "policy_unavailable" and elapsed < 2
     finally:
         k.stop()
         opa.stop()
+    assert k.audit()[-1]["decision"]["reason"] == "opa_unreachable"

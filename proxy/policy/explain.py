@@ -84,7 +84,7 @@ def _keyword_at(text: str, off: int, word: str) -> bool:
             and (end >= len(text) or not (text[end].isalnum() or text[end] == "_")))
 
 
-def _branches(name: str, file: str, text: str, start: int, end: int, chain: int) -> list[Branch]:
+def _branches(file: str, text: str, start: int, end: int, chain: int) -> list[Branch]:
     stmt = text[start:end]
     scan = [(o, c, d) for o, c, d in _scan(stmt) if d == 0]
     elses = [o for o, c, _ in scan if c == "e" and _keyword_at(stmt, o, "else")]
@@ -123,7 +123,7 @@ def find_definitions(source: PolicySource, query: str) -> tuple[str, list[Branch
             m = _RULE_NAME.match(text[s:e])
             if m is None or m.group(1) != rule:
                 continue
-            branches.extend(_branches(rule, file, text, s, e, chain))
+            branches.extend(_branches(file, text, s, e, chain))
             chain += 1
     return package, branches, imports
 

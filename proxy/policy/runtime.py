@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from proxy.policy import PolicyEngine
@@ -66,7 +67,7 @@ class PolicyRuntime:
             await self.base.aclose()
 
 
-def make_loader(directory: Any, extras: PolicyExtras) -> Loader:
+def make_loader(directory: Path, extras: PolicyExtras) -> Loader:
     b = extras.bundle
     if b is not None and b.url is not None:
         return BundleUrlLoader(b.url, b.poll_interval, b.timeout)
@@ -75,7 +76,7 @@ def make_loader(directory: Any, extras: PolicyExtras) -> Loader:
     return DirLoader(directory, extras.reload.interval)
 
 
-def build_policy(engine_kind: str, directory: Any, query: str, extras: PolicyExtras) -> PolicyRuntime:
+def build_policy(engine_kind: str, directory: Path, query: str, extras: PolicyExtras) -> PolicyRuntime:
     """Raise PolicyLoadError listing every problem with the policy in force at start."""
     posture = Posture(extras.posture) if extras.posture is not None else None
     base: ReloadingEngine | OpaEngine
