@@ -53,8 +53,9 @@ class Decision:
     reason: str = ""
     credential: str | None = None
     params: Mapping[str, Any] = field(default_factory=dict)
-    # Set by the engine, not the policy: how long this decision may be reused (``cache_ttl``),
-    # the policy revision that produced it, and the engine's own decision id (OPA's).
+    # ``cache_ttl`` comes from the policy (seconds this decision may be reused); the rest is set
+    # by Keyless: the policy revision that produced it, the engine's own decision id (OPA's),
+    # and whether it was served from the decision cache.
     cache_ttl: float | None = None
     revision: str | None = None
     engine_decision_id: str | None = None
