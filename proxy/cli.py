@@ -48,6 +48,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("mitmproxy").setLevel(max(logging.WARNING, logging.getLogger().level))
+    # hpack and h2 log every decoded header, values included (Authorization, X-Api-Key), at debug.
+    for noisy in ("hpack", "h2"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
         prep = load_and_prepare(Path(args.config))
         return asyncio.run(serve(prep))

@@ -12,7 +12,8 @@ For fault tests, and only here, a request whose ``input.request.headers`` carry
 ``x-standin-fault: slow|500|malformed|not-json|undefined`` makes this one answer misbehave
 (``slow`` sleeps ``x-standin-delay`` seconds, default 2), so other requests can be shown to
 proceed. ``GET /_standin/stats`` reports how many requests and distinct client connections it
-has seen (keep-alive pooling shows as few connections).
+has seen (keep-alive pooling shows as few connections) and every request body (so a test can
+check that no credential ever reaches OPA).
 
 Run as ``python -m tests.opa_standin --policies DIR --port N``; it prints ``ready`` when listening.
 """
@@ -39,6 +40,7 @@ class StandIn:
         self.compiled: dict[str, tuple[Any, Any] | None] = {}
         self.requests = 0
         self.connections: set[tuple[str, int]] = set()
+        self.bodies: list[str] = []
 
     def evaluate(self, path: str, input_doc: Any) -> tuple[bool, Any]:
         if path not in self.compiled:
@@ -65,8 +67,10 @@ class StandIn:
         peer = request.transport.get_extra_info("peername") if request.transport else None
         if peer:
             self.connections.add((peer[0], peer[1]))
+        raw = await request.read()
+        self.bodies.append(raw.decode(errors="replace"))
         try:
-            body = json.loads(await request.read() or b"{}")
+            body = json.loads(raw or b"{}")
         except json.JSONDecodeError:
             return web.json_response({"code": "invalid_parameter", "message": "body must be JSON"}, status=400)
         if not isinstance(body, dict):
@@ -98,7 +102,8 @@ class StandIn:
         return web.json_response(out)
 
     async def stats(self, _: web.Request) -> web.Response:
-        return web.json_response({"requests": self.requests, "connections": len(self.connections)})
+        return web.json_response({"requests": self.requests, "connections": len(self.connections),
+                                  "bodies": self.bodies})
 
     def app(self) -> web.Application:
         app = web.Application()

@@ -159,6 +159,9 @@ def test_keyless_with_opa_end_to_end(tmp_path: Path, upstream: Upstream, opa: Op
         assert [r[0] for r in fast_results] == [200] * 12
         assert slow_status == 503 and slow_body is not None and slow_body["error"] == "policy_unavailable"
         assert slow_elapsed < 2.5
+        # The app's own credentials are stripped before the input is built: OPA never sees them.
+        assert _curl(k, url, "Authorization: Bearer canary-app-secret-1", "X-Api-Key: canary-app-secret-2",
+                     "Cookie: s=canary-app-secret-3")[0] == 200
         assert _curl(k, url, "X-Standin-Fault: 500")[0] == 503
         assert _curl(k, url, "X-Standin-Fault: malformed")[0] == 503
         assert _curl(k, url, "X-Standin-Fault: not-json")[0] == 503
@@ -167,10 +170,10 @@ def test_keyless_with_opa_end_to_end(tmp_path: Path, upstream: Upstream, opa: Op
         ready = requests.get(k.admin_url + "/readyz", timeout=5).json()
     finally:
         log = k.stop()
-    records = wait_for_audit(k, 17)
-    assert len(records) == 17
+    records = wait_for_audit(k, 18)
+    assert len(records) == 18
     allowed = [r for r in records if r["outcome"]["status"] == 200]
-    assert len(allowed) == 12
+    assert len(allowed) == 13
     revision = records[0]["policy_revision"]
     assert revision.startswith("sha256:") and ready["policy"]["revision"] == revision
     for r in allowed:
@@ -180,7 +183,10 @@ def test_keyless_with_opa_end_to_end(tmp_path: Path, upstream: Upstream, opa: Op
     undefined = [r for r in records if r["outcome"]["error"] == "forbidden"]
     assert undefined[0]["decision"]["engine_decision_id"]
     # One pooled keep-alive connection pool, not a connection per decision.
-    assert opa.stats()["connections"] <= 8
+    stats = opa.stats()
+    assert stats["connections"] <= 8
+    assert len(stats["bodies"]) >= 18 and "canary-app-secret" not in json.dumps(stats["bodies"])
+    assert "canary-app-secret" not in log and "canary-app-secret" not in k.audit_file.read_text()
     assert "canary-opa-key" not in log and "canary-opa-key" not in k.audit_file.read_text()
 
 
