@@ -175,3 +175,38 @@ def test_failing_posture_is_refused_end_to_end(tmp_path: Path, upstream: Upstrea
     records = wait_for_audit(k, 2)
     assert records[0]["decision"]["reason"] == "workload posture is failing"
     assert records[-1]["outcome"]["status"] == 200
+
+
+def test_a_new_opa_revision_empties_the_cache(tmp_path: Path) -> None:
+    from proxy.policy.opa import OpaEngine
+    from proxy.policy.options import OpaOptions
+    from tests.policy_helpers import OpaProcess
+
+    for rev in ("r1", "r2"):
+        d = tmp_path / rev
+        d.mkdir()
+        (d / "egress.rego").write_text(CACHING_POLICY.replace("%s may", f"{rev}: %s may"))
+        (d / ".manifest").write_text(json.dumps({"revision": rev}))
+    opa = OpaProcess(tmp_path / "r1").start()
+    second = OpaProcess(tmp_path / "r2", opa.port)
+
+    async def run() -> None:
+        engine = OpaEngine(OpaOptions(url=opa.url, timeout_ms=2000), QUERY)
+        cache = CachingEngine(engine)
+        try:
+            first = await cache.decide(doc("spiffe://t/a"))
+            assert first.revision == "r1" and (await cache.decide(doc("spiffe://t/a"))).cached
+            opa.stop()
+            second.start()
+            # Keyless learns OPA's new revision from its next answer (any miss) and empties the cache.
+            assert (await cache.decide(doc("spiffe://t/b"))).revision == "r2"
+            again = await cache.decide(doc("spiffe://t/a"))
+            assert not again.cached and again.reason.startswith("r2: ")
+        finally:
+            await engine.aclose()
+
+    try:
+        asyncio.run(run())
+    finally:
+        opa.stop()
+        second.stop()

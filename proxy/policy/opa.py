@@ -57,10 +57,7 @@ class OpaEngine:
         try:
             # One deadline for connect, send and read: the whole decision, as Envoy's ext_authz.
             async with asyncio.timeout(self._timeout):
-                async with session.post(self.url, params={"provenance": "true"},
-                                        json={"input": input_doc}) as resp:
-                    status = resp.status
-                    body = await resp.read()
+                status, body = await self._post(session, input_doc)
         except TimeoutError:
             raise fail("opa_timeout", f"no answer within {self.options.timeout_ms} ms") from None
         except (aiohttp.ClientError, OSError) as e:
@@ -84,6 +81,20 @@ class OpaEngine:
         except KeylessError as e:
             raise fail("malformed_decision", e.message.removeprefix(self._source + ": "), decision_id) from None
         return replace(decision, revision=self.revision, engine_decision_id=decision_id)
+
+    async def _post(self, session: aiohttp.ClientSession, input_doc: dict[str, Any]) -> tuple[int, bytes]:
+        # A pooled connection that OPA closed (a restart, an idle timeout) fails on first use with
+        # ServerDisconnectedError before any answer. A data API query has no side effects, so it
+        # is asked once more on a fresh connection, within the same deadline.
+        for attempt in (1, 2):
+            try:
+                async with session.post(self.url, params={"provenance": "true"},
+                                        json={"input": input_doc}) as resp:
+                    return resp.status, await resp.read()
+            except aiohttp.ServerDisconnectedError:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     def _learn_revision(self, provenance: Any) -> None:
         bundles = provenance.get("bundles") if isinstance(provenance, dict) else None
