@@ -214,3 +214,66 @@ def test_not_ready_until_opa_has_answered(tmp_path: Path) -> None:
         k.stop()
         opa.stop()
     assert k.audit()[-1]["decision"]["reason"] == "opa_unreachable"
+
+
+def test_engines_agree_on_the_guide_examples() -> None:
+    examples = REPO / "docs/policy-examples"
+    ci, payroll = "spiffe://example.org/ns/ci/sa/builder", "spiffe://example.org/ns/payroll/sa/batch"
+    inputs = []
+    for ident in (ci, payroll, None):
+        for method, host, path in (("GET", "api.github.com", "/repos/acme/app/pulls"),
+                                   ("POST", "api.github.com", "/repos/acme/app/statuses/abc"),
+                                   ("PUT", "api.github.com", "/repos/acme/app/contents/x"),
+                                   ("POST", "api.bank.example", "/transfers"),
+                                   ("GET", "raw.githubusercontent.com", "/a"),
+                                   ("GET", "billing.internal.example", "/v1")):
+            for time_ns, posture in ((1795512600000000000, {"workload": {"status": "pass"}, "stale": False}),
+                                     (1795343400000000000, {"workload": {"status": "fail", "critical_vulns": 1},
+                                                            "stale": False})):
+                d = doc(ident, method, host, path, posture=posture)
+                d["context"]["time_ns"] = time_ns
+                inputs.append(d)
+    opa = OpaProcess(examples).start()
+
+    async def compare() -> int:
+        compared = 0
+        for name in ("allowlist", "scoping", "timewindow", "posture", "scopes", "dryrun"):
+            query = f"data.keyless.examples.{name}.decision"
+            local = EmbeddedEngine.from_dir(examples, query)
+            remote = OpaEngine(OpaOptions(url=opa.url, timeout_ms=2000), query)
+            try:
+                for d in inputs:
+                    assert _essence(await remote.decide(d)) == _essence(local.decide_sync(d)), (name, d)
+                    compared += 1
+            finally:
+                await remote.aclose()
+        return compared
+
+    try:
+        assert asyncio.run(compare()) == 6 * len(inputs)
+    finally:
+        opa.stop()
+
+
+def test_time_zone_builtins_do_not_crash_the_proxy(tmp_path: Path) -> None:
+    """rego-cpp's time-zone code corrupted the heap when regopy loaded after aiohttp (see
+    proxy/__init__.py); the real proxy, which imports aiohttp, must evaluate it and stay up."""
+    payroll = "spiffe://example.org/ns/payroll/sa/batch"
+    cfg = base_config(tmp_path, policy={"dir": str(REPO / "docs/policy-examples"),
+                                        "decision": "data.keyless.examples.timewindow.decision"},
+                      trust=[{"name": "loopback", "type": "source_ip",
+                              "workloads": [{"cidr": "127.0.0.0/8", "id": payroll}]}],
+                      credentials={"bank-api": {"type": "jwt"}})
+    k = Keyless(tmp_path, cfg).start()
+    try:
+        for _ in range(3):
+            status, _, _ = _curl(k, "http://api.bank.example:9/transfers")
+            assert status in (403, 502, 503)
+        assert k.proc is not None and k.proc.poll() is None
+    finally:
+        k.stop()
+    records = wait_for_audit(k, 3)
+    assert len(records) == 3
+    assert all(r["decision"]["reason"] in ("payroll inside its window",
+                                           "payroll may call the bank on weekdays 08:00-19:00 Paris time")
+               for r in records)

@@ -4,6 +4,8 @@ package keyless.examples.scopes
 
 import rego.v1
 
+# "acme/app" from "/repos/acme/app/...". The reason below joins strings with concat, not sprintf:
+# rego-cpp's sprintf("%s") wraps a string made by concat() in quotes (OPA does not).
 repo := concat("/", array.slice(split(input.request.path, "/"), 2, 4))
 
 default decision := {"allow": false, "reason": "no credential for this call"}
@@ -12,7 +14,7 @@ decision := {"allow": true, "reason": "read with the read-only token", "credenti
 	"params": {"permissions": {"contents": "read"}}} if {
 	input.request.host == "api.github.com"
 	input.request.method in {"GET", "HEAD"}
-} else := {"allow": true, "reason": sprintf("write to %s only", [repo]), "credential": "github-app",
+} else := {"allow": true, "reason": concat("", ["write to ", repo, " only"]), "credential": "github-app",
 	"params": {"repositories": [repo], "permissions": {"contents": "write"}}} if {
 	input.request.host == "api.github.com"
 	startswith(input.request.path, "/repos/")
