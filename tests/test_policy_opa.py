@@ -123,7 +123,7 @@ def test_faults_refuse_within_the_timeout(opa: OpaProcess, fault: str, reason: s
 
     error, elapsed = asyncio.run(ask())
     assert error.code == "policy_unavailable" and error.reason == reason
-    assert elapsed < 0.5
+    assert elapsed < 1.0  # the 200 ms deadline plus scheduling on a loaded machine; "slow" answers after 2 s
 
 
 def _curl(k: Keyless, url: str, *headers: str) -> tuple[int, dict[str, Any] | None, float]:
@@ -144,7 +144,7 @@ def _curl(k: Keyless, url: str, *headers: str) -> tuple[int, dict[str, Any] | No
 def test_keyless_with_opa_end_to_end(tmp_path: Path, upstream: Upstream, opa: OpaProcess) -> None:
     (tmp_path / "key").write_text("canary-opa-key-42\n")
     cfg = base_config(tmp_path, upstream,
-                      policy={"engine": "opa", "opa": {"url": opa.url, "timeout_ms": 300}},
+                      policy={"engine": "opa", "opa": {"url": opa.url, "timeout_ms": 800}},
                       credentials={"demo-api": {"type": "static", "from": "file", "file": str(tmp_path / "key")},
                                    "workload-jwt": {"type": "jwt"}})
     k = Keyless(tmp_path, cfg).start()
@@ -152,13 +152,13 @@ def test_keyless_with_opa_end_to_end(tmp_path: Path, upstream: Upstream, opa: Op
         url = upstream.url("/v1/invoices")
         # A slow OPA answer for one request is refused within the timeout while others proceed.
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            slow = pool.submit(_curl, k, url, "X-Standin-Fault: slow", "X-Standin-Delay: 3")
+            slow = pool.submit(_curl, k, url, "X-Standin-Fault: slow", "X-Standin-Delay: 6")
             fast = [pool.submit(_curl, k, url) for _ in range(12)]
             fast_results = [f.result() for f in fast]
             slow_status, slow_body, slow_elapsed = slow.result()
         assert [r[0] for r in fast_results] == [200] * 12
         assert slow_status == 503 and slow_body is not None and slow_body["error"] == "policy_unavailable"
-        assert slow_elapsed < 2.5
+        assert slow_elapsed < 4  # refused at the 0.8 s deadline, long before OPA's 6 s answer
         # The app's own credentials are stripped before the input is built: OPA never sees them.
         assert _curl(k, url, "Authorization: Bearer canary-app-secret-1", "X-Api-Key: canary-app-secret-2",
                      "Cookie: s=canary-app-secret-3")[0] == 200
