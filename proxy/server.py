@@ -123,11 +123,12 @@ async def serve(prep: Prepared) -> int:
     # could answer or rewrite a request behind Keyless's back.
     master.addons.add(
         core.Core(), proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig(),
-        errorcheck.ErrorCheck(repeat_errors_on_stderr=True), KeylessAddon(broker), Ready(),
+        errorcheck.ErrorCheck(repeat_errors_on_stderr=True), keyless_addon := KeylessAddon(broker), Ready(),
     )
     # Options belong to the addons that define them, so they are set once all are loaded.
     master.options.update(
-        mode=["regular"],
+        # "transparent": the original destination comes from the redirected socket (SO_ORIGINAL_DST).
+        mode=[config.listen.mode],
         listen_host=config.listen.address,
         listen_port=config.listen.port,
         confdir=str(config.tls.ca_dir),
@@ -151,9 +152,12 @@ async def serve(prep: Prepared) -> int:
             where = f"{config.admin.address}:{config.admin.port}"
             raise ConfigError([f"admin: cannot listen on {where} ({e.strerror})"]) from None
 
+    from proxy.drain import Drainer
+
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, master.shutdown)
+    drainer = Drainer(master, keyless_addon.inflight, config.listen.drain_seconds, on_start=ready.clear)
+    loop.add_signal_handler(signal.SIGINT, master.shutdown)
+    loop.add_signal_handler(signal.SIGTERM, drainer.start)
     log.info("keyless listening on %s:%d (policy revision %s, CA %s)", config.listen.address,
              config.listen.port, prep.engine.revision, ca_cert)
     try:
