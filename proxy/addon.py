@@ -69,8 +69,7 @@ class KeylessAddon:
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         # Runs before any byte reaches the upstream; setting server.error aborts the connection.
         try:
-            local = data.client.sockname if self.transparent else None
-            self.egress.check_connect(data.server.address, self._allowed.get(data.client.id, set()), local)
+            self.egress.check_connect(data.server.address, self._allowed.get(data.client.id, set()))
         except KeylessError as e:
             log.warning("refused upstream connection from %s: %s", data.client.peername, e.message)
             data.server.error = f"keyless: {e.message}"

@@ -149,8 +149,9 @@ class Egress:
                  resolve: Resolver = system_resolver) -> None:
         self.config = config
         self.resolve = resolve
-        # Keyless's own listeners: a connection to one of them is a redirect loop.
-        self._own_ports = frozenset(port for _, port in listen)
+        # Keyless's own listeners: a connection to one of them is a redirect loop, or a client
+        # that dialled the transparent port directly (its "original destination" is Keyless).
+        self._own = tuple((_ip(host), port) for host, port in listen)
         self._refused = frozenset(config.refused_ports)
 
     async def transparent_host(self, *, dst: tuple[str, int], tls: bool, sni: str | None,
@@ -205,17 +206,21 @@ class Egress:
             f"credential {credential!r} would leave in cleartext to {host}:{port}; use https, "
             "egress.tls_origination or egress.allow_cleartext for this destination")
 
-    def check_connect(self, address: tuple[str, int] | None, allowed: set[tuple[str, int]],
-                      local: tuple[str, int] | None = None) -> None:
+    def _is_own(self, host: str, port: int) -> bool:
+        ip = _ip(host)
+        for own_ip, own_port in self._own:
+            if port == own_port and (is_loopback(host) or own_ip is None or own_ip.is_unspecified or ip == own_ip):
+                return True
+        return False
+
+    def check_connect(self, address: tuple[str, int] | None, allowed: set[tuple[str, int]]) -> None:
         """May Keyless open a connection to ``address``? Called before the connection exists."""
         if address is None:
             raise KeylessError("forbidden", "upstream connection without a destination")
         host, port = _norm(str(address[0])), int(address[1])
         if port in self._refused:
             raise KeylessError("forbidden", f"port {port} is refused by egress.refused_ports")
-        if local is not None and (_ip(host) == _ip(local[0]) and port == local[1]):
-            raise KeylessError("forbidden", "connection to Keyless's own listener (not redirected?)")
-        if port in self._own_ports and is_loopback(host):
+        if self._is_own(host, port):
             raise KeylessError("forbidden", "connection to Keyless's own listener (redirect loop?)")
         if (host, port) not in allowed:
             raise KeylessError("forbidden", f"no allowed request asked for a connection to {host}:{port}")
