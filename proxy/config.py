@@ -54,6 +54,8 @@ class AdminConfig:
 class TlsConfig:
     ca_dir: Path
     upstream_ca: Path | None = None
+    # A copy of the CA certificate (never the key) for apps to trust, e.g. on a shared volume.
+    publish_ca: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +157,7 @@ def parse_config(raw: Any, source: Path) -> Config:
     tls = TlsConfig(
         ca_dir=s.path_value("ca_dir", Path("~/.keyless/ca").expanduser()),
         upstream_ca=s.path_value("upstream_ca", None),
+        publish_ca=s.path_value("publish_ca", None),
     )
     if tls.upstream_ca is not None and not tls.upstream_ca.is_file():
         s.error(f"file not found: {tls.upstream_ca}", "upstream_ca")

@@ -109,6 +109,10 @@ async def serve(prep: Prepared) -> int:
 
     config = prep.config
     ca_cert = ensure_ca(config.tls.ca_dir)
+    if config.tls.publish_ca is not None:
+        from proxy.ca import publish_ca
+
+        publish_ca(ca_cert, config.tls.publish_ca)
     sink: AuditSink = JsonLinesSink(config.audit.path)
     broker = Broker(config, prep.engine, prep.signer, sink, prep.trust, prep.credentials)
 

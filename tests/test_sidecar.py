@@ -52,6 +52,11 @@ class Sidecar:
     keyless: NsKeyless
     tmp: Path
 
+    @property
+    def app_ca(self) -> str:
+        """The CA certificate as the app sees it: published by Keyless, without the key."""
+        return str(self.keyless.dir / "shared" / "ca.pem")
+
     def curl(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
         return self.topo.exec(self.app, "curl", "-sS", "--max-time", "15", *args, timeout=timeout)
 
@@ -68,7 +73,8 @@ def sidecar_config(tmp: Path, upstream_ca: Path) -> dict[str, object]:
         kdir,
         listen={"address": "127.0.0.1", "port": 15001, "mode": "transparent", "drain_seconds": 10},
         admin={"address": "127.0.0.1", "port": free_port()},
-        tls={"ca_dir": str(kdir / "ca"), "upstream_ca": str(upstream_ca)},
+        tls={"ca_dir": str(kdir / "ca"), "upstream_ca": str(upstream_ca),
+             "publish_ca": str(kdir / "shared" / "ca.pem")},
         trust=[{"name": "pod", "type": "source_ip",
                 "workloads": [{"cidr": "10.200.1.1/32", "id": "spiffe://test/app"}]}],
         policy={"dir": str(policies)},
@@ -119,7 +125,7 @@ def test_plain_http_app_gets_tls_origination_and_injected_credential(sidecar: Si
 
 def test_https_curl_trusting_keyless_ca(sidecar: Sidecar) -> None:
     before = len(sidecar.upstream.requests())
-    out = sidecar.curl("-o", "/dev/null", "-w", "%{http_code}", "--cacert", str(sidecar.keyless.ca_cert),
+    out = sidecar.curl("-o", "/dev/null", "-w", "%{http_code}", "--cacert", sidecar.app_ca,
                        "-H", f"Authorization: Bearer {APP_SECRET}", "https://api.example/v1/invoices")
     assert out.stdout == "200", out.stderr
     got = sidecar.upstream.requests()[before:]
@@ -133,7 +139,7 @@ def test_python_requests_without_proxy_settings(sidecar: Sidecar) -> None:
     before = len(sidecar.upstream.requests())
     code = ("import requests, sys; r = requests.get('https://api.example/v1/py', verify=sys.argv[1], "
             "headers={'Authorization': 'Bearer " + APP_SECRET + "'}, timeout=15); print(r.status_code)")
-    out = sidecar.topo.exec(sidecar.app, sys.executable, "-c", code, str(sidecar.keyless.ca_cert))
+    out = sidecar.topo.exec(sidecar.app, sys.executable, "-c", code, sidecar.app_ca)
     assert out.stdout.strip() == "200", out.stderr
     got = sidecar.upstream.requests()[before:]
     assert [g["headers"]["authorization"] for g in got] == [f"Bearer {CANARY}"]
@@ -150,7 +156,7 @@ def test_keyless_own_connections_are_not_redirected(sidecar: Sidecar) -> None:
 
 def test_denied_destination_sees_zero_connections(sidecar: Sidecar) -> None:
     for url in ("http://denied.example/v1/x", "https://denied.example/v1/x"):
-        out = sidecar.curl("-o", "/dev/null", "-w", "%{http_code}", "--cacert", str(sidecar.keyless.ca_cert), url)
+        out = sidecar.curl("-o", "/dev/null", "-w", "%{http_code}", "--cacert", sidecar.app_ca, url)
         assert out.stdout == "403", out.stderr
     assert sidecar.upstream.count("accept", f"{DENIED}:80") == 0
     assert sidecar.upstream.count("accept", f"{DENIED}:443") == 0
@@ -209,7 +215,7 @@ def test_sigterm_lets_an_inflight_request_finish(sidecar: Sidecar) -> None:
     before = len(sidecar.upstream.requests())
     slow = subprocess.Popen(
         ["ip", "netns", "exec", sidecar.app, "curl", "-sS", "--max-time", "20", "-o", "/dev/null", "-w",
-         "%{http_code}", "--cacert", str(k.ca_cert), "https://api.example/slow?seconds=3"],
+         "%{http_code}", "--cacert", sidecar.app_ca, "https://api.example/slow?seconds=3"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env())
     deadline = time.monotonic() + 10
     while len(sidecar.upstream.requests()) == before and time.monotonic() < deadline:
