@@ -75,13 +75,17 @@ class Topology:
         (etc / "hosts").write_text("127.0.0.1 localhost\n" + "".join(f"{ip} {h}\n" for h, ip in self.hosts.items()))
         return name
 
-    def link(self, a: str, a_addr: str, b: str, b_addrs: list[str]) -> None:
-        """A veth pair between namespaces a and b with the given /24 addresses."""
+    def link(self, a: str, a_addr: str, b: str, b_addrs: list[str], v6: tuple[str, str] | None = None) -> None:
+        """A veth pair between namespaces a and b with the given addresses (v6: one per side)."""
         ia, ib = f"kv{self.tag}{len(self.namespaces)}{secrets.token_hex(1)}", f"kw{self.tag}{secrets.token_hex(2)}"
         sh("ip", "link", "add", ia[:15], "netns", a, "type", "veth", "peer", "name", ib[:15], "netns", b)
         sh("ip", "-n", a, "addr", "add", a_addr, "dev", ia[:15])
         for addr in b_addrs:
             sh("ip", "-n", b, "addr", "add", addr, "dev", ib[:15])
+        if v6 is not None:
+            # nodad: usable at once instead of after duplicate address detection.
+            sh("ip", "-n", a, "addr", "add", v6[0], "dev", ia[:15], "nodad")
+            sh("ip", "-n", b, "addr", "add", v6[1], "dev", ib[:15], "nodad")
         sh("ip", "-n", a, "link", "set", ia[:15], "up")
         sh("ip", "-n", b, "link", "set", ib[:15], "up")
 

@@ -30,6 +30,7 @@ from tests.netns import KEYLESS_UID, NsKeyless, NsUpstream, Topology, clean_env,
 CANARY = "canary-sidecar-7f3a9c0e51"
 APP_SECRET = "app-own-secret-55aa"
 API, DENIED = "10.200.1.2", "10.200.1.3"
+API6 = "fd00:200:1::2"  # a unique-local address that exists only in the upstream namespace
 
 POLICY = """package keyless.egress
 
@@ -39,7 +40,7 @@ default decision := {"allow": false, "reason": "not granted"}
 
 decision := {"allow": true, "reason": "app may call the api", "credential": "api-key"} if {
 	input.identity.id == "spiffe://test/app"
-	input.request.host in {"api.example", "legacy.example"}
+	input.request.host in {"api.example", "legacy.example", "10.200.1.2"}
 }
 """
 
@@ -90,8 +91,9 @@ def sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sidecar]:
     topo = Topology({"api.example": API, "legacy.example": API, "denied.example": DENIED})
     try:
         app, up = topo.ns("app"), topo.ns("up")
-        topo.link(app, "10.200.1.1/24", up, ["10.200.1.2/24", "10.200.1.3/24"])
-        upstream = NsUpstream(topo, up, tmp / "upstream", [API, DENIED],
+        topo.link(app, "10.200.1.1/24", up, ["10.200.1.2/24", "10.200.1.3/24"],
+                  v6=("fd00:200:1::1/64", f"{API6}/64"))
+        upstream = NsUpstream(topo, up, tmp / "upstream", [API, DENIED, API6],
                               ("api.example", "legacy.example", "denied.example"))
         # The real CLI installs the rules, as the Kubernetes init container does.
         res = topo.exec(app, sys.executable, "-m", "proxy.cli", "iptables", "--apply", f"--uid={KEYLESS_UID}")
@@ -193,6 +195,25 @@ def test_raw_tcp_on_a_redirected_port_is_closed_and_audited(sidecar: Sidecar) ->
     recs = [r for r in sidecar.keyless.audit() if r["request"].get("scheme") == "tcp"]
     assert recs and recs[-1]["outcome"]["error"] == "bad_request"
     assert recs[-1]["request"]["host"] == API and recs[-1]["request"]["port"] == 80
+
+
+def test_tls_without_sni_to_an_ip_gets_no_credential(sidecar: Sidecar) -> None:
+    # The policy grants the bare address, yet an IP literal over TLS has no name to verify.
+    before = len(sidecar.upstream.requests())
+    out = sidecar.curl("-o", "/dev/null", "-w", "%{http_code}", "--cacert", sidecar.app_ca, f"https://{API}/v1/x")
+    assert out.stdout == "421", out.stderr
+    assert len(sidecar.upstream.requests()) == before
+
+
+def test_ipv6_is_redirected_too_and_fails_closed(sidecar: Sidecar) -> None:
+    # Keyless listens on 127.0.0.1 only: redirected IPv6 connections are refused, not let through.
+    out = sidecar.curl("-g", "-o", "/dev/null", "-w", "%{http_code}", f"http://[{API6}]/v1/x")
+    assert out.returncode == 7, out
+    assert sidecar.upstream.count("accept", f"{API6}:80") == 0
+    listing = sidecar.topo.exec(sidecar.app, "ip6tables", "-t", "nat", "-L", "KEYLESS", "-v", "-x", "-n",
+                                check=True).stdout
+    row = next(line for line in listing.splitlines() if "REDIRECT" in line)
+    assert int(row.split()[0]) > 0, listing  # refused because it was redirected, not for lack of a route
 
 
 def test_quic_udp_443_is_rejected(sidecar: Sidecar) -> None:
