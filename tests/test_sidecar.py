@@ -245,7 +245,11 @@ def test_sigterm_lets_an_inflight_request_finish(sidecar: Sidecar) -> None:
     audited = len(k.audit())
     started = time.monotonic()
     k.signal(signal.SIGTERM)
-    time.sleep(0.5)
+    # Wait (bounded) until the listener is closed; a bare connect sends no request anywhere.
+    probe = ("import socket, time\nend = time.monotonic() + 8\n"
+             "while time.monotonic() < end and socket.socket().connect_ex(('127.0.0.1', 15001)) == 0:\n"
+             "    time.sleep(0.05)\n")
+    sidecar.topo.exec(sidecar.app, sys.executable, "-c", probe, timeout=15)
     # Draining: new connections are refused (by the kernel: nothing listens), never bypassed.
     late = sidecar.curl("-o", "/dev/null", "-w", "%{http_code}", "http://api.example/v1/late")
     assert late.returncode == 7 and late.stdout == "000", late
