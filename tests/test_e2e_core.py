@@ -1,0 +1,421 @@
+"""The whole request path end to end: a real Keyless process, a real aiohttp upstream over HTTP
+and HTTPS, and real clients (curl, requests, aiohttp) that take the proxy from the environment.
+
+One Keyless process serves the whole module (starting it is the slow part); it runs the policy
+in tests/policies/e2e, two source-address workloads (billing = 127.0.0.1, reports = 127.0.0.2,
+127.0.0.3 matches nothing) and canary secrets that must never appear anywhere but upstream.
+Every assertion about forwarding is made on what the upstream actually received.
+"""
+
+from __future__ import annotations
+
+import secrets
+import socket
+import ssl
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+import requests
+
+from tests.clients import Reply, aio, curl, req
+from tests.harness import REPO, Keyless, Upstream, base_config, wait_for_audit
+
+BILLING = "spiffe://demo.local/billing"
+REPORTS = "spiffe://demo.local/reports"
+ENV_VAR = "KEYLESS_TEST_ENV_SECRET"
+APP_SECRET = "app-own-secret-must-not-leave"
+
+
+@dataclass
+class Env:
+    k: Keyless
+    upstream: Upstream
+    file_secret: str
+    env_secret: str
+    doomed_secret: str
+    doomed_file: Path
+
+    def canaries(self) -> list[str]:
+        return [self.file_secret, self.env_secret, self.doomed_secret]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    tmp = tmp_path_factory.mktemp("e2e-core")
+    upstream = Upstream(tmp / "upstream").start()
+    file_secret = "canary-file-" + secrets.token_hex(8)
+    env_secret = "canary-env-" + secrets.token_hex(8)
+    doomed_secret = "canary-doomed-" + secrets.token_hex(8)
+    (tmp / "file-key").write_text(file_secret + "\n")
+    doomed = tmp / "doomed-key"
+    doomed.write_text(doomed_secret + "\n")
+    cfg = base_config(
+        tmp, upstream,
+        trust=[{"name": "loopback", "type": "source_ip", "workloads": [
+            {"cidr": "127.0.0.1/32", "id": BILLING},
+            {"cidr": "127.0.0.2/32", "id": REPORTS},
+        ]}],
+        policy={"dir": str(REPO / "tests" / "policies" / "e2e")},
+        credentials={
+            "file-key": {"type": "static", "from": "file", "file": str(tmp / "file-key")},
+            "env-key": {"type": "static", "from": "env", "env": ENV_VAR, "header": "X-Api-Key",
+                        "template": "{secret}"},
+            "doomed-key": {"type": "static", "from": "file", "file": str(doomed)},
+            "minted": {"type": "jwt", "ttl": 120},
+        },
+    )
+    k = Keyless(tmp, cfg, env={ENV_VAR: env_secret}).start(log_level="debug")
+    try:
+        yield Env(k, upstream, file_secret, env_secret, doomed_secret, doomed)
+    finally:
+        k.stop()
+        upstream.stop()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_upstream(env: Env) -> None:
+    env.upstream.received.clear()
+
+
+def record(k: Keyless, decision_id: str | None, timeout: float = 5.0) -> dict[str, Any]:
+    """The audit record with this decision id (waits for it to be written)."""
+    assert decision_id, "response carries no Keyless-Decision-Id"
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [r for r in k.audit() if r["decision_id"] == decision_id]
+        if found or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert len(found) == 1, f"{len(found)} audit records for {decision_id}"
+    return found[0]
+
+
+def assert_refused(reply: Reply, status: int, code: str, env: Env) -> dict[str, Any]:
+    """A JSON refusal with the stable code, its decision id in header, body and audit; and
+    nothing at all reached the upstream."""
+    assert reply.status == status, reply.body
+    body = reply.json()
+    assert set(body) == {"error", "message", "decision_id"}
+    assert body["error"] == code
+    assert isinstance(body["message"], str) and body["message"]
+    assert reply.decision_id == body["decision_id"]
+    rec = record(env.k, reply.decision_id)
+    assert rec["outcome"]["error"] == code
+    assert rec["outcome"]["status"] == status
+    assert env.upstream.received == []
+    return rec
+
+
+def only_received(env: Env) -> Any:
+    assert len(env.upstream.received) == 1, env.upstream.received
+    return env.upstream.received[0]
+
+
+def verify_jwt(env: Env, token: str, audience: str) -> dict[str, Any]:
+    """Verify a token the way a receiving API would: Keyless's JWKS from the admin listener."""
+    jwks = requests.get(env.k.admin_url + "/jwks.json", timeout=5).json()
+    header = jwt.get_unverified_header(token)
+    assert header["alg"] == "ES256"
+    keys = {key["kid"]: key for key in jwks["keys"]}
+    assert header["kid"] in keys
+    key = jwt.PyJWK.from_dict(keys[header["kid"]])
+    claims: dict[str, Any] = jwt.decode(token, key, algorithms=["ES256"], audience=audience, issuer="keyless",
+                                        options={"require": ["exp", "iat", "jti", "sub", "iss", "aud"]})
+    assert 0 < claims["exp"] - claims["iat"] <= 120
+    assert abs(claims["iat"] - time.time()) < 60
+    return claims
+
+
+# --- injection -------------------------------------------------------------------------------
+
+
+def test_curl_https_file_secret_injected_and_app_credentials_stripped(env: Env) -> None:
+    r = curl(env.k, env.upstream.url("/v1/invoices?page=2&api_key=" + APP_SECRET),
+             "-H", f"Authorization: Bearer {APP_SECRET}", "-H", f"X-Api-Key: {APP_SECRET}",
+             "-H", f"Cookie: session={APP_SECRET}")
+    assert r.status == 200, r.body
+    got = only_received(env)
+    assert got.scheme == "https" and got.path == "/v1/invoices"
+    assert got.headers["authorization"] == f"Bearer {env.file_secret}"
+    assert "x-api-key" not in got.headers and "cookie" not in got.headers
+    assert got.query == {"page": ["2"]}
+    assert APP_SECRET not in repr(got)
+    rec = record(env.k, r.decision_id)
+    assert rec["credential"]["name"] == "file-key" and rec["credential"]["type"] == "static"
+    assert set(rec["stripped"]) == {"authorization", "x-api-key", "cookie", "?api_key"}
+
+
+def test_curl_plain_http_strips_proxy_authorization(env: Env) -> None:
+    r = curl(env.k, env.upstream.url("/v1/plain", tls=False), "--proxy-user", f"app:{APP_SECRET}",
+             "-H", f"Authorization: Basic {APP_SECRET}")
+    assert r.status == 200, r.body
+    got = only_received(env)
+    assert got.scheme == "http"
+    assert "proxy-authorization" not in got.headers
+    assert got.headers["authorization"] == f"Bearer {env.file_secret}"
+    assert APP_SECRET not in repr(got)
+
+
+def test_requests_env_secret_into_x_api_key_with_bare_template(env: Env) -> None:
+    r = req(env.k, "GET", env.upstream.url("/env/things"), headers={"X-Api-Key": APP_SECRET})
+    assert r.status == 200, r.body
+    got = only_received(env)
+    assert got.headers["x-api-key"] == env.env_secret
+    assert "authorization" not in got.headers
+
+
+def test_aiohttp_plain_http_and_https(env: Env) -> None:
+    for tls in (False, True):
+        env.upstream.received.clear()
+        r = aio(env.k, "GET", env.upstream.url("/v1/aio", tls=tls), headers={"Authorization": APP_SECRET})
+        assert r.status == 200, r.body
+        got = only_received(env)
+        assert got.scheme == ("https" if tls else "http")
+        assert got.headers["authorization"] == f"Bearer {env.file_secret}"
+
+
+def test_allow_without_credential_forwards_nothing_injected(env: Env) -> None:
+    r = curl(env.k, env.upstream.url("/open/x"), "-H", f"Authorization: Bearer {APP_SECRET}")
+    assert r.status == 200
+    assert "authorization" not in only_received(env).headers
+    assert record(env.k, r.decision_id)["credential"] is None
+
+
+def test_minted_jwt_is_valid_for_the_destination_origin(env: Env) -> None:
+    url = env.upstream.url("/jwt/reports")
+    r = req(env.k, "POST", url, json={"n": 1}, headers={"Authorization": f"Bearer {APP_SECRET}"})
+    assert r.status == 200, r.body
+    got = only_received(env)
+    assert got.body == b'{"n": 1}'
+    scheme, _, token = got.headers["authorization"].partition(" ")
+    assert scheme == "Bearer"
+    claims = verify_jwt(env, token, f"https://localhost:{env.upstream.https_port}")
+    assert claims["sub"] == BILLING
+    rec = record(env.k, r.decision_id)
+    assert rec["credential"]["type"] == "jwt" and rec["credential"]["expires_at"] == claims["exp"]
+    assert token not in env.k.audit_file.read_text()
+
+
+def test_minted_jwt_audience_from_decision_params(env: Env) -> None:
+    r = curl(env.k, env.upstream.url("/aud/x", tls=False))
+    assert r.status == 200, r.body
+    token = only_received(env).headers["authorization"].removeprefix("Bearer ")
+    claims = verify_jwt(env, token, "https://billing.example")
+    assert claims["sub"] == BILLING
+    # The same token must not verify for another audience.
+    with pytest.raises(jwt.InvalidAudienceError):
+        verify_jwt(env, token, f"http://localhost:{env.upstream.http_port}")
+
+
+def test_minted_jwt_sub_is_the_second_workload(env: Env) -> None:
+    r = req(env.k, "GET", env.upstream.url("/reports/q3"), source="127.0.0.2")
+    assert r.status == 200, r.body
+    token = only_received(env).headers["authorization"].removeprefix("Bearer ")
+    assert verify_jwt(env, token, f"https://localhost:{env.upstream.https_port}")["sub"] == REPORTS
+    assert record(env.k, r.decision_id)["identity"]["id"] == REPORTS
+
+
+def test_tampered_jwt_fails_verification(env: Env) -> None:
+    """The verification in these tests can fail: a flipped signature byte is rejected."""
+    r = curl(env.k, env.upstream.url("/jwt/x"))
+    token = only_received(env).headers["authorization"].removeprefix("Bearer ")
+    head, payload, sig = token.split(".")
+    bad = f"{head}.{payload}.{sig[:-2]}{'AA' if sig[-2:] != 'AA' else 'BB'}"
+    assert r.status == 200
+    with pytest.raises(jwt.InvalidSignatureError):
+        verify_jwt(env, bad, f"https://localhost:{env.upstream.https_port}")
+
+
+# --- policy: identity, method, host, path ----------------------------------------------------
+
+
+def test_identity_decides_same_request(env: Env) -> None:
+    url = env.upstream.url("/v1/invoices")
+    allowed = curl(env.k, url, "--interface", "127.0.0.1")
+    assert allowed.status == 200
+    assert record(env.k, allowed.decision_id)["identity"]["id"] == BILLING
+    env.upstream.received.clear()
+    denied = curl(env.k, url, "--interface", "127.0.0.2")
+    rec = assert_refused(denied, 403, "forbidden", env)
+    assert rec["identity"]["id"] == REPORTS and rec["source"]["address"] == "127.0.0.2"
+    assert REPORTS in denied.json()["message"]
+
+
+def test_identity_with_requests_source_address(env: Env) -> None:
+    denied = req(env.k, "GET", env.upstream.url("/v1/x"), source="127.0.0.2")
+    assert_refused(denied, 403, "forbidden", env)
+    allowed = req(env.k, "GET", env.upstream.url("/v1/x"), source="127.0.0.1")
+    assert allowed.status == 200 and len(env.upstream.received) == 1
+
+
+def test_unmatched_caller_has_null_identity_and_is_refused(env: Env) -> None:
+    r = curl(env.k, env.upstream.url("/v1/x"), "--interface", "127.0.0.3")
+    rec = assert_refused(r, 403, "forbidden", env)
+    assert rec["identity"] == {"id": None, "attestations": []}
+    assert rec["source"]["address"] == "127.0.0.3"
+    assert "no attested workload identity" in r.json()["message"]
+
+
+@pytest.mark.parametrize(("method", "host", "path"), [
+    ("DELETE", "localhost", "/v1/invoices"),   # method
+    ("GET", "127.0.0.1", "/v1/invoices"),      # host: same upstream, by address
+    ("GET", "localhost", "/admin/users"),      # path
+])
+def test_deny_by_method_host_path_never_reaches_upstream(env: Env, method: str, host: str, path: str) -> None:
+    r = curl(env.k, env.upstream.url(path, host=host), "-H", f"Authorization: Bearer {APP_SECRET}", method=method)
+    rec = assert_refused(r, 403, "forbidden", env)
+    assert rec["decision"]["allow"] is False
+    assert rec["request"]["method"] == method and rec["request"]["host"] == host
+    assert rec["request"]["path"] == path
+
+
+def test_deny_over_plain_http_with_aiohttp(env: Env) -> None:
+    r = aio(env.k, "DELETE", env.upstream.url("/v1/x", tls=False))
+    assert_refused(r, 403, "forbidden", env)
+
+
+def test_undefined_decision_is_a_deny(env: Env) -> None:
+    r = curl(env.k, env.upstream.url("/undefined/x"))
+    assert_refused(r, 403, "forbidden", env)
+    assert "undefined" in r.json()["message"]
+
+
+# --- fail closed ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/policy-error/string", "/policy-error/allow-yes", "/policy-error/eval"])
+def test_policy_error_is_503(env: Env, path: str) -> None:
+    r = curl(env.k, env.upstream.url(path))
+    rec = assert_refused(r, 503, "policy_unavailable", env)
+    assert rec["decision"] is None
+
+
+def test_decision_naming_unconfigured_credential_is_503(env: Env) -> None:
+    r = curl(env.k, env.upstream.url("/ghost/x"))
+    assert_refused(r, 503, "credential_unavailable", env)
+    assert "ghost" in r.json()["message"]
+
+
+def test_missing_secret_file_is_503_and_nothing_forwarded(env: Env) -> None:
+    ok = curl(env.k, env.upstream.url("/doomed/x"))
+    assert ok.status == 200
+    assert only_received(env).headers["authorization"] == f"Bearer {env.doomed_secret}"
+    env.upstream.received.clear()
+    env.doomed_file.unlink()
+    r = curl(env.k, env.upstream.url("/doomed/x"), "-H", f"Authorization: Bearer {APP_SECRET}")
+    assert_refused(r, 503, "credential_unavailable", env)
+    assert env.doomed_secret not in r.body.decode()
+
+
+# --- Host / SNI / CONNECT must agree ----------------------------------------------------------
+
+
+def test_plain_http_host_header_mismatch_is_421(env: Env) -> None:
+    r = curl(env.k, env.upstream.url("/v1/x", tls=False), "-H", "Host: evil.example")
+    assert_refused(r, 421, "misdirected_request", env)
+    assert "Host header" in r.json()["message"]
+
+
+def test_host_header_differs_from_connect_authority_is_421(env: Env) -> None:
+    r = curl(env.k, env.upstream.url("/v1/x"), "-H", f"Host: evil.example:{env.upstream.https_port}")
+    assert_refused(r, 421, "misdirected_request", env)
+    assert "evil.example" in r.json()["message"]
+
+
+def test_sni_differs_from_connect_authority_is_421(env: Env) -> None:
+    """CONNECT to localhost, then a TLS handshake for another name, then a request for localhost."""
+    port = env.upstream.https_port
+    with socket.create_connection(("127.0.0.1", env.k.config["listen"]["port"]), timeout=10) as raw:
+        raw.sendall(f"CONNECT localhost:{port} HTTP/1.1\r\nHost: localhost:{port}\r\n\r\n".encode())
+        assert raw.recv(4096).startswith(b"HTTP/1.1 200")
+        ctx = ssl.create_default_context(cafile=str(env.k.ca_cert))
+        with ctx.wrap_socket(raw, server_hostname="evil.example") as tls:
+            tls.sendall(f"GET /v1/x HTTP/1.1\r\nHost: localhost:{port}\r\nConnection: close\r\n\r\n".encode())
+            data = b""
+            while chunk := tls.recv(65536):
+                data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    headers = {line.split(b":", 1)[0].strip().lower().decode(): line.split(b":", 1)[1].strip().decode()
+               for line in head.split(b"\r\n")[1:]}
+    reply = Reply(status, headers, body)
+    assert_refused(reply, 421, "misdirected_request", env)
+    assert "SNI" in reply.json()["message"]
+
+
+# --- audit: exactly one line per request, every field, no secrets ----------------------------
+
+
+def test_exactly_one_audit_line_per_request(env: Env) -> None:
+    k = env.k
+    cases = [
+        (lambda: curl(k, env.upstream.url("/v1/one")), 200),                    # allowed, static
+        (lambda: curl(k, env.upstream.url("/jwt/one", tls=False)), 200),        # allowed, jwt
+        (lambda: curl(k, env.upstream.url("/admin")), 403),                     # denied
+        (lambda: curl(k, env.upstream.url("/policy-error/string")), 503),      # failed
+        (lambda: curl(k, env.upstream.url("/v1/x", tls=False), "-H", "Host: a.example"), 421),
+    ]
+    for call, status in cases:
+        before = len(k.audit())
+        r = call()
+        assert r.status == status
+        wait_for_audit(k, before + 1)
+        time.sleep(0.2)  # a second (duplicate) record would be written right after the first
+        records = k.audit()
+        assert len(records) == before + 1
+        assert records[-1]["decision_id"] == r.decision_id
+
+
+def test_audit_record_fields(env: Env) -> None:
+    r = curl(env.k, env.upstream.url("/v1/fields?page=1&api_key=" + APP_SECRET),
+             "-H", f"Authorization: Bearer {APP_SECRET}", "-H", "User-Agent: audit-test")
+    rec = record(env.k, r.decision_id)
+    for key in ("decision_id", "time", "source", "identity", "request", "decision", "credential", "outcome",
+                "latency_ms"):
+        assert key in rec, key
+    assert rec["time"].endswith("Z")
+    assert rec["source"]["address"] == "127.0.0.1" and isinstance(rec["source"]["port"], int)
+    assert rec["identity"]["id"] == BILLING
+    assert rec["identity"]["attestations"][0]["provider"] == "loopback"
+    assert rec["request"] == {"method": "GET", "scheme": "https", "host": "localhost",
+                              "port": env.upstream.https_port, "path": "/v1/fields"}
+    assert rec["decision"]["allow"] is True and rec["decision"]["credential"] == "file-key"
+    assert rec["decision"]["revision"].startswith("sha256:")
+    cred = rec["credential"]
+    assert set(cred) == {"name", "type", "expires_at", "fingerprint"}
+    assert cred["fingerprint"].startswith("sha256:") and len(cred["fingerprint"]) == len("sha256:") + 16
+    assert rec["outcome"] == {"status": 200, "error": None, "message": None}
+    assert isinstance(rec["latency_ms"], float) and rec["latency_ms"] >= 0
+    assert "audit-test" not in str(rec) and APP_SECRET not in str(rec)
+
+
+def test_canary_secrets_appear_nowhere_but_upstream(env: Env) -> None:
+    """Drive every outcome, then search the debug log, the audit file and every reply body."""
+    k, u = env.k, env.upstream
+    replies = [
+        curl(k, u.url("/v1/c")), curl(k, u.url("/env/c", tls=False)), curl(k, u.url("/jwt/c")),
+        curl(k, u.url("/admin")), curl(k, u.url("/v1/c"), "--interface", "127.0.0.3"),
+        curl(k, u.url("/policy-error/eval")), curl(k, u.url("/ghost/c")),
+        curl(k, u.url("/v1/c", tls=False), "-H", "Host: other.example"),
+        req(k, "GET", u.url("/env/c")), aio(k, "GET", u.url("/v1/c")),
+    ]
+    assert [r.status for r in replies] == [200, 200, 200, 403, 403, 503, 503, 421, 200, 200]
+    upstream_text = repr(u.received)
+    assert env.file_secret in upstream_text and env.env_secret in upstream_text  # the canaries are live
+    wait_for_audit(k, 1)
+    time.sleep(0.2)
+    log = k.log_file.read_text()
+    audit = k.audit_file.read_text()
+    assert "DEBUG" in log  # the proxy really ran at debug level
+    for canary in env.canaries():
+        assert canary not in log
+        assert canary not in audit
+        for r in replies:
+            if r.status != 200:
+                assert canary.encode() not in r.body
+    assert APP_SECRET not in audit and APP_SECRET not in log
