@@ -21,7 +21,8 @@ from tests.harness import REPO
 KEYLESS = str(Path(sys.executable).parent / "keyless")
 
 
-def keyless(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def keyless(*args: str, cwd: Path, env: dict[str, str] | None = None,
+            timeout: float = 60) -> subprocess.CompletedProcess[str]:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("KEYLESS_TEST_")}
     full_env.update(env or {})
     return subprocess.run([KEYLESS, *args], cwd=cwd, env=full_env, capture_output=True, text=True,
