@@ -75,3 +75,13 @@ def test_ca_prints_an_existing_certificate_with_a_private_key(workdir: Path) -> 
     first = cert.read_text()
     again = keyless("ca", "-c", "keyless.yaml", cwd=workdir)
     assert again.stdout == out.stdout and cert.read_text() == first
+
+
+def test_ca_tightens_loose_permissions_of_an_existing_ca(workdir: Path) -> None:
+    cert = Path(keyless("ca", "-c", "keyless.yaml", cwd=workdir).stdout.strip())
+    key = cert.parent / "mitmproxy-ca.pem"
+    cert.parent.chmod(0o755)
+    key.chmod(0o644)
+    assert keyless("ca", "-c", "keyless.yaml", cwd=workdir).returncode == 0
+    assert stat.S_IMODE(cert.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
