@@ -118,6 +118,9 @@ class KeylessAddon:
     def tcp_start(self, flow: tcp.TCPFlow) -> None:
         # Keyless brokers HTTP only; a raw tunnel would carry traffic no policy has seen.
         flow.kill()
+        # kill() alone does not stop mitmproxy's TCP layer: it still opens the server connection
+        # and relays the bytes. A connection marked with an error is never opened.
+        flow.server_conn.error = "non-HTTP traffic is not relayed"
         addr = flow.client_conn.peername
         ex = Exchange(Source(str(addr[0]), int(addr[1])))
         server = flow.server_conn.address
