@@ -9,20 +9,24 @@ Every assertion about forwarding is made on what the upstream actually received.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import secrets
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import jwt
 import pytest
 import requests
 
-from tests.clients import Reply, aio, curl, req
+from tests.clients import Reply, aio, curl, proxy_environ, req
 from tests.harness import REPO, Keyless, Upstream, base_config, wait_for_audit
 
 BILLING = "spiffe://demo.local/billing"
@@ -348,6 +352,38 @@ def test_sni_differs_from_connect_authority_is_421(env: Env) -> None:
     assert "SNI" in reply.json()["message"]
 
 
+def raw_tunnel(env: Env, connect_to: str, request: bytes) -> Reply:
+    """CONNECT to ``connect_to``, then send ``request`` in clear text inside the tunnel."""
+    with socket.create_connection(("127.0.0.1", env.k.config["listen"]["port"]), timeout=10) as raw:
+        raw.sendall(f"CONNECT {connect_to} HTTP/1.1\r\nHost: {connect_to}\r\n\r\n".encode())
+        assert raw.recv(4096).startswith(b"HTTP/1.1 200")
+        raw.sendall(request)
+        data = b""
+        while chunk := raw.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = {n.strip().lower(): v.strip() for n, _, v in (line.partition(":") for line in lines[1:])}
+    return Reply(int(lines[0].split(" ", 2)[1]), headers, body)
+
+
+def test_plain_http_inside_a_tunnel_must_match_the_connect_authority(env: Env) -> None:
+    port = env.upstream.http_port
+    ok = raw_tunnel(env, f"localhost:{port}",
+                    f"GET /v1/t HTTP/1.1\r\nHost: localhost:{port}\r\nConnection: close\r\n\r\n".encode())
+    assert ok.status == 200
+    assert only_received(env).headers["authorization"] == f"Bearer {env.file_secret}"
+    env.upstream.received.clear()
+    # Same tunnel destination, but the request names another authority (absolute form + Host).
+    other = f"evil.example:{port}"
+    r = raw_tunnel(env, f"localhost:{port}",
+                   f"GET http://{other}/v1/t HTTP/1.1\r\nHost: {other}\r\nConnection: close\r\n\r\n".encode())
+    assert_refused(r, 421, "misdirected_request", env)
+    r = raw_tunnel(env, f"localhost:{port}",
+                   f"GET /v1/t HTTP/1.1\r\nHost: {other}\r\nConnection: close\r\n\r\n".encode())
+    assert_refused(r, 421, "misdirected_request", env)
+
+
 # --- audit: exactly one line per request, every field, no secrets ----------------------------
 
 
@@ -419,3 +455,104 @@ def test_canary_secrets_appear_nowhere_but_upstream(env: Env) -> None:
             if r.status != 200:
                 assert canary.encode() not in r.body
     assert APP_SECRET not in audit and APP_SECRET not in log
+
+
+# --- more fail-closed edges -------------------------------------------------------------------
+
+
+def test_admin_listener_serves_health_jwks_and_ca(env: Env) -> None:
+    base = env.k.admin_url
+    assert requests.get(base + "/healthz", timeout=5).json() == {"status": "ok"}
+    assert requests.get(base + "/readyz", timeout=5).status_code == 200
+    keys = requests.get(base + "/jwks.json", timeout=5).json()["keys"]
+    assert len(keys) == 1 and keys[0]["kty"] == "EC" and keys[0]["alg"] == "ES256" and "kid" in keys[0]
+    assert "d" not in keys[0]  # the private scalar never leaves
+    assert requests.get(base + "/ca.pem", timeout=5).content == env.k.ca_cert.read_bytes()
+
+
+def test_untrusted_upstream_certificate_is_refused(env: Env, tmp_path: Path) -> None:
+    """An upstream whose CA Keyless does not trust gets no request (and no credential)."""
+    stranger = Upstream(tmp_path / "stranger").start()
+    try:
+        before = len(env.k.audit())
+        r = curl(env.k, stranger.url("/v1/x"))
+        assert r.status == 502, r.body
+        assert stranger.received == []
+        records = wait_for_audit(env.k, before + 1)
+        assert len(records) == before + 1
+        assert records[-1]["outcome"]["error"] is not None
+        assert "certificate" in records[-1]["outcome"]["message"].lower()
+    finally:
+        stranger.stop()
+
+
+def test_non_http_bytes_in_a_tunnel_are_not_relayed(env: Env) -> None:
+    """CONNECT, then bytes that are neither TLS nor HTTP: mitmproxy would relay them raw."""
+    received: list[bytes] = []
+    accepted: list[int] = []
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(2)
+    port = server.getsockname()[1]
+
+    def accept() -> None:
+        try:
+            conn, _ = server.accept()
+        except OSError:
+            return
+        accepted.append(1)
+        with conn:
+            conn.settimeout(2)
+            with contextlib.suppress(OSError):
+                while data := conn.recv(4096):
+                    received.append(data)
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    before = len(env.k.audit())
+    with socket.create_connection(("127.0.0.1", env.k.config["listen"]["port"]), timeout=5) as raw:
+        raw.sendall(f"CONNECT localhost:{port} HTTP/1.1\r\nHost: localhost:{port}\r\n\r\n".encode())
+        assert raw.recv(4096).startswith(b"HTTP/1.1 200")
+        raw.sendall(b"\x00\x01 not http, not tls " + env.file_secret.encode() + b"\r\n\r\n")
+        with contextlib.suppress(OSError):
+            raw.recv(4096)
+    t.join(4)
+    server.close()
+    assert accepted == [] and received == []
+    records = wait_for_audit(env.k, before + 1)
+    assert len(records) == before + 1
+    assert records[-1]["request"]["scheme"] == "tcp" and records[-1]["outcome"]["error"] == "bad_request"
+
+
+def test_concurrent_requests_one_audit_line_each(env: Env) -> None:
+    n = 20
+    ctx = ssl.create_default_context(cafile=str(env.k.ca_cert))
+
+    async def one(s: aiohttp.ClientSession, i: int) -> tuple[int, str]:
+        path = f"/v1/par/{i}" if i % 2 else f"/admin/{i}"
+        async with s.get(env.upstream.url(path), ssl=ctx) as r:
+            await r.read()
+            return r.status, r.headers["Keyless-Decision-Id"]
+
+    async def main() -> list[tuple[int, str]]:
+        async with aiohttp.ClientSession(trust_env=True) as s:
+            return await asyncio.gather(*(one(s, i) for i in range(n)))
+
+    before = len(env.k.audit())
+    with proxy_environ(env.k):
+        results = asyncio.run(main())
+    assert sorted(s for s, _ in results) == [200] * (n // 2) + [403] * (n // 2)
+    assert len(env.upstream.received) == n // 2
+    assert all(r.path.startswith("/v1/par/") for r in env.upstream.received)
+    records = wait_for_audit(env.k, before + n)
+    time.sleep(0.2)
+    records = env.k.audit()[before:]
+    assert sorted(r["decision_id"] for r in records) == sorted(d for _, d in results)
+
+
+def test_duplicate_app_credentials_are_all_stripped(env: Env) -> None:
+    r = curl(env.k, env.upstream.url("/open/dup?api_key=a&api_key=b", tls=False),
+             "-H", "Authorization: one", "-H", "authorization: two", "-H", "X-Api-Key: k1", "-H", "x-api-key: k2")
+    assert r.status == 200
+    got = only_received(env)
+    assert "authorization" not in got.headers and "x-api-key" not in got.headers
+    assert got.query == {}
