@@ -85,6 +85,9 @@ CASES: list[tuple[str, str | tuple[str, str], dict[str, str], list[str]]] = [
      {"KEYLESS_TEST_CRLF": "abc\r\ndef"}, ["credentials.demo-api: secret contains CR, LF or NUL"]),
     ("rego-syntax-error", ("dir: policies", "dir: broken-policies"), {},
      ["policy: ", "broken-policies/egress.rego:3:"]),
+    ("policy-decision-not-an-object", ("dir: policies", "dir: string-policy"), {},
+     ["policy: policy(data.keyless.egress.decision): malformed decision"]),
+    ("no-rego-files", ("dir: policies", "dir: empty-policy"), {}, ["policy: ", "no .rego files"]),
     ("verify-upstream-false", ("  ca_dir: ca\n", "  ca_dir: ca\n  verify_upstream: false\n"), {},
      ["tls.verify_upstream: upstream certificates are always verified"]),
     ("unknown-credential-type", ("    type: jwt\n", "    type: jwtt\n"), {},
@@ -103,6 +106,9 @@ def write_case(workdir: Path, spec: str | tuple[str, str]) -> Path:
         text = spec
     (workdir / "broken-policies").mkdir(exist_ok=True)
     (workdir / "broken-policies" / "egress.rego").write_text(BROKEN_REGO)
+    (workdir / "string-policy").mkdir(exist_ok=True)
+    (workdir / "string-policy" / "egress.rego").write_text('package keyless.egress\n\ndecision := "allow"\n')
+    (workdir / "empty-policy").mkdir(exist_ok=True)
     cfg = workdir / "keyless.yaml"
     cfg.write_text(text)
     return cfg
@@ -158,7 +164,8 @@ def test_policy_and_secret_problems_together(workdir: Path) -> None:
     assert len(lines) == 2
 
 
-@pytest.mark.parametrize("case", ["unknown-key", "missing-env-secret", "rego-syntax-error", "verify-upstream-false"])
+@pytest.mark.parametrize("case", ["unknown-key", "missing-env-secret", "rego-syntax-error", "verify-upstream-false",
+                                  "policy-decision-not-an-object"])
 def test_run_refuses_with_the_same_messages(workdir: Path, case: str) -> None:
     spec, env = next((c[1], c[2]) for c in CASES if c[0] == case)
     write_case(workdir, spec)
