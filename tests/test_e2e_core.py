@@ -486,41 +486,71 @@ def test_untrusted_upstream_certificate_is_refused(env: Env, tmp_path: Path) -> 
         stranger.stop()
 
 
+class TcpSink:
+    """A bare TCP listener that records every connection and every byte it is sent.
+
+    Stands in for an upstream where even a TCP connect (with no HTTP request) must not happen.
+    """
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.server.settimeout(0.2)
+        self.port: int = self.server.getsockname()[1]
+        self.accepted = 0
+        self.received: list[bytes] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                continue
+            self.accepted += 1
+            with conn:
+                conn.settimeout(1)
+                with contextlib.suppress(OSError):
+                    while data := conn.recv(4096):
+                        self.received.append(data)
+
+    def close(self, linger: float = 0.5) -> None:
+        time.sleep(linger)  # a late connection attempt would still be counted
+        self._stop.set()
+        self._thread.join(3)
+        self.server.close()
+
+
 def test_non_http_bytes_in_a_tunnel_are_not_relayed(env: Env) -> None:
     """CONNECT, then bytes that are neither TLS nor HTTP: mitmproxy would relay them raw."""
-    received: list[bytes] = []
-    accepted: list[int] = []
-    server = socket.create_server(("127.0.0.1", 0))
-    server.settimeout(2)
-    port = server.getsockname()[1]
-
-    def accept() -> None:
-        try:
-            conn, _ = server.accept()
-        except OSError:
-            return
-        accepted.append(1)
-        with conn:
-            conn.settimeout(2)
-            with contextlib.suppress(OSError):
-                while data := conn.recv(4096):
-                    received.append(data)
-
-    t = threading.Thread(target=accept, daemon=True)
-    t.start()
+    sink = TcpSink()
     before = len(env.k.audit())
     with socket.create_connection(("127.0.0.1", env.k.config["listen"]["port"]), timeout=5) as raw:
-        raw.sendall(f"CONNECT localhost:{port} HTTP/1.1\r\nHost: localhost:{port}\r\n\r\n".encode())
+        raw.sendall(f"CONNECT localhost:{sink.port} HTTP/1.1\r\nHost: localhost:{sink.port}\r\n\r\n".encode())
         assert raw.recv(4096).startswith(b"HTTP/1.1 200")
         raw.sendall(b"\x00\x01 not http, not tls " + env.file_secret.encode() + b"\r\n\r\n")
         with contextlib.suppress(OSError):
             raw.recv(4096)
-    t.join(4)
-    server.close()
-    assert accepted == [] and received == []
+    sink.close()
+    assert sink.accepted == 0 and sink.received == []
     records = wait_for_audit(env.k, before + 1)
     assert len(records) == before + 1
     assert records[-1]["request"]["scheme"] == "tcp" and records[-1]["outcome"]["error"] == "bad_request"
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_denied_request_opens_no_connection_upstream(env: Env, scheme: str) -> None:
+    """Not even a TCP handshake: the decision comes before mitmproxy connects (lazy strategy)."""
+    sink = TcpSink()
+    try:
+        r = curl(env.k, f"{scheme}://localhost:{sink.port}/admin/x")
+        assert r.status == 403 and r.json()["error"] == "forbidden"
+        r = curl(env.k, f"{scheme}://localhost:{sink.port}/policy-error/string")
+        assert r.status == 503
+    finally:
+        sink.close()
+    assert sink.accepted == 0 and sink.received == []
 
 
 def test_concurrent_requests_one_audit_line_each(env: Env) -> None:
