@@ -586,3 +586,30 @@ def test_duplicate_app_credentials_are_all_stripped(env: Env) -> None:
     got = only_received(env)
     assert "authorization" not in got.headers and "x-api-key" not in got.headers
     assert got.query == {}
+
+
+def test_request_body_arrives_intact_with_the_credential(env: Env, tmp_path: Path) -> None:
+    body = secrets.token_bytes(600_000)
+    (tmp_path / "body").write_bytes(body)
+    r = curl(env.k, env.upstream.url("/jwt/upload"), "--data-binary", f"@{tmp_path / 'body'}",
+             "-H", "Content-Type: application/octet-stream")
+    assert r.status == 200, r.body
+    got = only_received(env)
+    assert got.method == "POST" and got.body == body
+    verify_jwt(env, got.headers["authorization"].removeprefix("Bearer "),
+               f"https://localhost:{env.upstream.https_port}")
+
+
+def test_client_aborting_mid_body_is_one_audit_line_and_nothing_forwarded(env: Env) -> None:
+    port = env.upstream.http_port
+    before = len(env.k.audit())
+    with socket.create_connection(("127.0.0.1", env.k.config["listen"]["port"]), timeout=5) as raw:
+        raw.sendall(f"POST http://localhost:{port}/v1/abort HTTP/1.1\r\nHost: localhost:{port}\r\n"
+                    "Content-Length: 1000\r\n\r\nonly a few bytes".encode())
+        time.sleep(0.3)
+    records = wait_for_audit(env.k, before + 1)
+    time.sleep(0.3)
+    records = env.k.audit()
+    assert len(records) == before + 1
+    assert records[-1]["request"]["path"] == "/v1/abort" and records[-1]["outcome"]["error"] is not None
+    assert env.upstream.received == []
