@@ -7,8 +7,9 @@ import stat
 from pathlib import Path
 
 import pytest
+import requests
 
-from tests.harness import REPO
+from tests.harness import REPO, Keyless, base_config
 from tests.test_check import good_config, keyless
 
 
@@ -85,3 +86,14 @@ def test_ca_tightens_loose_permissions_of_an_existing_ca(workdir: Path) -> None:
     assert keyless("ca", "-c", "keyless.yaml", cwd=workdir).returncode == 0
     assert stat.S_IMODE(cert.parent.stat().st_mode) == 0o700
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
+
+
+def test_run_serves_and_exits_cleanly_on_sigterm(tmp_path: Path) -> None:
+    k = Keyless(tmp_path, base_config(tmp_path)).start(log_level="info")
+    try:
+        assert requests.get(k.admin_url + "/healthz", timeout=5).json() == {"status": "ok"}
+        assert k.ca_cert.is_file()
+    finally:
+        log = k.stop()
+    assert k.proc is not None and k.proc.returncode == 0, log
+    assert "Traceback" not in log

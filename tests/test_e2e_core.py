@@ -43,6 +43,7 @@ class Env:
     env_secret: str
     doomed_secret: str
     doomed_file: Path
+    rotating_file: Path
 
     def canaries(self) -> list[str]:
         return [self.file_secret, self.env_secret, self.doomed_secret]
@@ -58,6 +59,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     (tmp / "file-key").write_text(file_secret + "\n")
     doomed = tmp / "doomed-key"
     doomed.write_text(doomed_secret + "\n")
+    (tmp / "rotating-key").write_text("rotation-one\n")
     cfg = base_config(
         tmp, upstream,
         trust=[{"name": "loopback", "type": "source_ip", "workloads": [
@@ -70,12 +72,14 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             "env-key": {"type": "static", "from": "env", "env": ENV_VAR, "header": "X-Api-Key",
                         "template": "{secret}"},
             "doomed-key": {"type": "static", "from": "file", "file": str(doomed)},
+            "rotating-key": {"type": "static", "from": "file", "file": str(tmp / "rotating-key"),
+                             "header": "X-Rotating", "template": "Key {secret}"},
             "minted": {"type": "jwt", "ttl": 120},
         },
     )
     k = Keyless(tmp, cfg, env={ENV_VAR: env_secret}).start(log_level="debug")
     try:
-        yield Env(k, upstream, file_secret, env_secret, doomed_secret, doomed)
+        yield Env(k, upstream, file_secret, env_secret, doomed_secret, doomed, tmp / "rotating-key")
     finally:
         k.stop()
         upstream.stop()
@@ -613,3 +617,23 @@ def test_client_aborting_mid_body_is_one_audit_line_and_nothing_forwarded(env: E
     assert len(records) == before + 1
     assert records[-1]["request"]["path"] == "/v1/abort" and records[-1]["outcome"]["error"] is not None
     assert env.upstream.received == []
+
+
+def test_secret_file_rotation_and_crlf_rejected_on_reload(env: Env) -> None:
+    url = env.upstream.url("/rotate/x")
+    assert curl(env.k, url).status == 200
+    assert only_received(env).headers["x-rotating"] == "Key rotation-one"
+    # Rotate the way secret managers do: write a new file, rename it over the old one.
+    new = env.rotating_file.with_suffix(".new")
+    new.write_text("rotation-two-longer\n")
+    new.replace(env.rotating_file)
+    env.upstream.received.clear()
+    assert curl(env.k, url).status == 200
+    assert only_received(env).headers["x-rotating"] == "Key rotation-two-longer"
+    # A value with CR/LF could split the header: rejected when loaded, and nothing is forwarded.
+    new.write_text("evil\r\nX-Injected: yes\n")
+    new.replace(env.rotating_file)
+    env.upstream.received.clear()
+    r = curl(env.k, url)
+    assert_refused(r, 503, "credential_unavailable", env)
+    assert "CR, LF" in r.json()["message"] and "evil" not in r.body.decode()

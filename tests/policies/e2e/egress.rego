@@ -19,6 +19,7 @@ grants := [
 	{"workload": billing, "methods": {"GET"}, "prefix": "/open/", "credential": null},
 	{"workload": billing, "methods": {"GET"}, "prefix": "/doomed/", "credential": "doomed-key"},
 	{"workload": billing, "methods": {"GET"}, "prefix": "/ghost/", "credential": "ghost"},
+	{"workload": billing, "methods": {"GET"}, "prefix": "/rotate/", "credential": "rotating-key"},
 	{"workload": reports, "methods": {"GET"}, "prefix": "/reports/", "credential": "minted"},
 ]
 
