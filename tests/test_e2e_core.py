@@ -194,15 +194,17 @@ def test_allow_without_credential_forwards_nothing_injected(env: Env) -> None:
     assert record(env.k, r.decision_id)["credential"] is None
 
 
-def test_minted_jwt_is_valid_for_the_destination_origin(env: Env) -> None:
-    url = env.upstream.url("/jwt/reports")
+@pytest.mark.parametrize("tls", [True, False])
+def test_minted_jwt_is_valid_for_the_destination_origin(env: Env, tls: bool) -> None:
+    url = env.upstream.url("/jwt/reports", tls=tls)
     r = req(env.k, "POST", url, json={"n": 1}, headers={"Authorization": f"Bearer {APP_SECRET}"})
     assert r.status == 200, r.body
     got = only_received(env)
     assert got.body == b'{"n": 1}'
     scheme, _, token = got.headers["authorization"].partition(" ")
     assert scheme == "Bearer"
-    claims = verify_jwt(env, token, f"https://localhost:{env.upstream.https_port}")
+    origin = f"https://localhost:{env.upstream.https_port}" if tls else f"http://localhost:{env.upstream.http_port}"
+    claims = verify_jwt(env, token, origin)
     assert claims["sub"] == BILLING
     rec = record(env.k, r.decision_id)
     assert rec["credential"]["type"] == "jwt" and rec["credential"]["expires_at"] == claims["exp"]
