@@ -639,3 +639,18 @@ def test_secret_file_rotation_and_crlf_rejected_on_reload(env: Env) -> None:
     r = curl(env.k, url)
     assert_refused(r, 503, "credential_unavailable", env)
     assert "CR, LF" in r.json()["message"] and "evil" not in r.body.decode()
+
+
+@pytest.mark.xfail(strict=True, reason="known gap: when the upstream connection fails, mitmproxy answers with its "
+                                       "own HTML 502 (no JSON refusal, no Keyless-Decision-Id) and the audit "
+                                       "record says bad_request with status null")
+def test_upstream_connect_failure_is_a_json_refusal(env: Env) -> None:
+    sink = TcpSink()
+    port = sink.port
+    sink.close(linger=0)  # nothing listens there any more
+    before = len(env.k.audit())
+    r = curl(env.k, f"http://localhost:{port}/v1/x")
+    rec = wait_for_audit(env.k, before + 1)[-1]
+    assert r.status == 502 and rec["outcome"]["status"] == 502
+    assert r.decision_id == rec["decision_id"]
+    assert r.json()["decision_id"] == rec["decision_id"]
