@@ -16,7 +16,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -395,7 +395,7 @@ def test_plain_http_inside_a_tunnel_must_match_the_connect_authority(env: Env) -
 
 def test_exactly_one_audit_line_per_request(env: Env) -> None:
     k = env.k
-    cases = [
+    cases: list[tuple[Callable[[], Reply], int]] = [
         (lambda: curl(k, env.upstream.url("/v1/one")), 200),                    # allowed, static
         (lambda: curl(k, env.upstream.url("/jwt/one", tls=False)), 200),        # allowed, jwt
         (lambda: curl(k, env.upstream.url("/admin")), 403),                     # denied

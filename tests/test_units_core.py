@@ -186,7 +186,7 @@ def test_build_input_withholds_authorization_even_if_strip_list_is_empty() -> No
 
 
 def request(url: str, headers: dict[str, str]) -> http.Request:
-    return http.Request.make("GET", url, b"", headers)
+    return http.Request.make("GET", url, b"", http.Headers([(k.encode(), v.encode()) for k, v in headers.items()]))
 
 
 def test_strip_defaults() -> None:
