@@ -25,6 +25,8 @@ def test_demo_exits_zero(tmp_path: Path) -> None:
     out = keyless("demo", cwd=tmp_path, timeout=90)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "Traceback" not in out.stderr
+    assert out.stdout.rstrip().endswith("demo passed")
+    assert out.stdout.count("[ok]") >= 4
 
 
 def test_policy_test_passes_on_the_shipped_policies(tmp_path: Path) -> None:
