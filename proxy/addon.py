@@ -16,6 +16,7 @@ from mitmproxy import http, tcp
 from proxy.broker import Broker, Exchange, check_authority
 from proxy.errors import KeylessError
 from proxy.model import Source
+from proxy.paths import check_path
 from proxy.trust import Caller
 
 log = logging.getLogger("keyless")
@@ -68,6 +69,7 @@ class KeylessAddon:
                 connect=self._tunnels.get(flow.client_conn.id), tls=flow.client_conn.tls_established,
                 sni=flow.client_conn.sni,
             )
+            check_path(req.path)
             doc = self.broker.policy_input(
                 ex, method=req.method, scheme=req.scheme, host=req.host, port=req.port, path=req.path,
                 query=list(req.query.items(multi=True)) if "?" in req.path else [],
