@@ -295,6 +295,24 @@ def test_undefined_decision_is_a_deny(env: Env) -> None:
     assert "undefined" in r.json()["message"]
 
 
+@pytest.mark.parametrize("path", ["/v1/../admin/users", "/v1/%2e%2e/admin", "/v1/..%2Fadmin", "/v1/%2E%2E%2fadmin",
+                                  "/v1/./x", "/v1/..;/admin", "/v1/..%5cadmin"])
+def test_dot_segments_cannot_escape_a_granted_path_prefix(env: Env, path: str) -> None:
+    """/v1/ is granted, /admin is not. Many servers resolve dot-segments (also percent-encoded
+    ones) before routing, so "/v1/../admin" must not be decided as a /v1/ call and forwarded."""
+    for tls in (True, False):
+        env.upstream.received.clear()
+        r = curl(env.k, env.upstream.url(path, tls=tls), "--path-as-is")
+        assert_refused(r, 400, "bad_request", env)
+
+
+def test_encoded_slash_without_dots_is_an_ordinary_path(env: Env) -> None:
+    # e.g. GitLab's /projects/group%2Fproject: nothing to resolve, the policy decides as usual.
+    r = curl(env.k, env.upstream.url("/v1/projects/group%2Fproject"), "--path-as-is")
+    assert r.status == 200
+    assert only_received(env).path == "/v1/projects/group/project"  # aiohttp shows it decoded
+
+
 # --- fail closed ------------------------------------------------------------------------------
 
 

@@ -20,6 +20,7 @@ from proxy.credentials import render
 from proxy.credentials.static import SecretError, check_secret
 from proxy.errors import ConfigError, KeylessError
 from proxy.model import ANONYMOUS, Attestation, Decision, Identity, Source
+from proxy.paths import check_path
 from proxy.policy.input import build_input
 from proxy.policy.result import parse_decision
 from proxy.strip import strip_credentials
@@ -332,3 +333,21 @@ def test_load_config_malformed_yaml_names_line_and_column(tmp_path: Path) -> Non
         load_config(f)
     assert len(e.value.problems) == 1
     assert e.value.problems[0].startswith(f"{f}:3:1: malformed YAML")
+
+
+# --- check_path --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/v1/../admin", "/v1/..", "/..", "/v1/./x", "/v1/%2e%2e/admin", "/v1/%2E./a",
+                                  "/v1/..%2fadmin", "/v1/..%5Cadmin", "/v1\\..\\admin", "/v1/..;x=1/admin",
+                                  "/v1/.;/x", "/v1/../admin?x=1"])
+def test_check_path_refuses_dot_segments(path: str) -> None:
+    with pytest.raises(KeylessError) as e:
+        check_path(path)
+    assert e.value.code == "bad_request" and e.value.status == 400
+
+
+@pytest.mark.parametrize("path", ["/", "/v1/x", "/v1/...", "/v1/.well-known/x", "/v1/a..b", "/v1/x.json",
+                                  "/projects/group%2Fproject", "/v1/x?next=../admin", "/v1/%252e%252e/x", "*"])
+def test_check_path_accepts_ordinary_paths(path: str) -> None:
+    check_path(path)
