@@ -18,6 +18,7 @@ from proxy.broker import Broker, Exchange, check_authority
 from proxy.egress import Egress
 from proxy.errors import KeylessError
 from proxy.model import Source
+from proxy.paths import check_path
 from proxy.trust import Caller
 
 log = logging.getLogger("keyless")
@@ -98,6 +99,7 @@ class KeylessAddon:
                 connect=self._tunnels.get(flow.client_conn.id), tls=flow.client_conn.tls_established,
                 sni=flow.client_conn.sni,
             )
+            check_path(req.path)
             doc = self.broker.policy_input(
                 ex, method=req.method, scheme=req.scheme, host=host, port=req.port, path=req.path,
                 query=list(req.query.items(multi=True)) if "?" in req.path else [],
@@ -163,6 +165,9 @@ class KeylessAddon:
     def tcp_start(self, flow: tcp.TCPFlow) -> None:
         # Keyless brokers HTTP only; a raw tunnel would carry traffic no policy has seen.
         flow.kill()
+        # kill() alone does not stop mitmproxy's TCP layer: it still opens the server connection
+        # and relays the bytes. A connection marked with an error is never opened.
+        flow.server_conn.error = "non-HTTP traffic is not relayed"
         addr = flow.client_conn.peername
         ex = Exchange(Source(str(addr[0]), int(addr[1])))
         server = flow.server_conn.address

@@ -48,7 +48,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("mitmproxy").setLevel(max(logging.WARNING, logging.getLogger().level))
-    # hpack logs every HTTP/2 header value at debug level, credentials included.
+    # hpack logs every HTTP/2 header it encodes or decodes at debug level: that would print the
+    # app's Authorization and the injected credential into the log.
     logging.getLogger("hpack").setLevel(logging.WARNING)
     try:
         prep = load_and_prepare(Path(args.config))
