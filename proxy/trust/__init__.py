@@ -53,11 +53,12 @@ class TrustSpec(NamedTuple):
 
 
 def _registry() -> dict[str, TrustSpec]:
-    from proxy.trust import jwt, source_ip
+    from proxy.trust import jwt, mtls, source_ip
 
     return {
         "source_ip": TrustSpec(source_ip.parse, source_ip.SourceIpProvider),
         "jwt": TrustSpec(jwt.parse, jwt.JwtProvider),
+        "mtls": TrustSpec(mtls.parse, mtls.MtlsProvider),
     }
 
 
