@@ -53,12 +53,13 @@ class TrustSpec(NamedTuple):
 
 
 def _registry() -> dict[str, TrustSpec]:
-    from proxy.trust import jwt, mtls, source_ip
+    from proxy.trust import jwt, mtls, process, source_ip
 
     return {
         "source_ip": TrustSpec(source_ip.parse, source_ip.SourceIpProvider),
         "jwt": TrustSpec(jwt.parse, jwt.JwtProvider),
         "mtls": TrustSpec(mtls.parse, mtls.MtlsProvider),
+        "process": TrustSpec(process.parse, process.ProcessProvider),
     }
 
 
