@@ -251,3 +251,58 @@ def test_slow_issuer_does_not_delay_other_callers(tmp_path: Path, upstream: Upst
             k.stop()
     finally:
         other.stop()
+
+
+def test_presets_and_key_sources(tmp_path: Path, upstream: Upstream, issuer: Issuer) -> None:
+    # A second issuer that is never reachable: its keys come from a local JWKS file.
+    offline = Issuer(tmp_path / "offline", port=6443)
+    (tmp_path / "jwks.json").write_text(json.dumps(offline.jwks()))
+    trust = jwt_trust(issuer, issuer_options={"preset": "github"})
+    trust["issuers"].append({"issuer": offline.url, "preset": "kubernetes", "audiences": ["keyless"],
+                             "jwks_file": str(tmp_path / "jwks.json")})
+    k = start(tmp_path, upstream, trust)
+    gh = issuer.mint(sub="repo:acme/deploy:ref:refs/heads/main", repository="acme/deploy", repository_id="42",
+                     ref="refs/heads/main", workflow="deploy", environment="prod", actor="octocat")
+    k8s = offline.mint(key=offline.keys[1], **{"kubernetes.io": {
+        "namespace": "ci", "serviceaccount": {"name": "builder", "uid": "u-1"}, "pod": {"name": "b-1", "uid": "p"}}})
+    k8s_without_claims = offline.mint()
+    try:
+        codes = [requests.get(upstream.url("/v1/p", tls=False), proxies=via(k, t), timeout=10).status_code
+                 for t in (gh, k8s, k8s_without_claims)]
+    finally:
+        k.stop()
+    assert codes == [200, 200, 407]
+    records = wait_for_audit(k, 3)
+    gh_facts = records[0]["identity"]["attestations"][0]["facts"]
+    assert gh_facts["preset"] == "github" and gh_facts["repository"] == "acme/deploy"
+    assert gh_facts["ref"] == "refs/heads/main" and gh_facts["environment"] == "prod"
+    assert records[0]["identity"]["id"] == f"{issuer.url}#repo:acme/deploy:ref:refs/heads/main"
+    k8s_facts = records[1]["identity"]["attestations"][0]["facts"]
+    assert (k8s_facts["namespace"], k8s_facts["service_account"], k8s_facts["pod"]) == ("ci", "builder", "b-1")
+    assert "lacks 'namespace'" in records[2]["outcome"]["message"]
+    assert issuer.hits["discovery"] == 1
+
+
+def test_config_problems_are_reported_at_once(tmp_path: Path) -> None:
+    from proxy.config import parse_config
+    from proxy.errors import ConfigError
+    from tests.harness import REPO
+
+    raw = {"policy": {"dir": str(REPO / "policies")}, "trust": [{
+        "name": "t", "type": "jwt", "algorithms": ["RS256", "HS256"], "max_stale": 10, "refresh_interval": 60,
+        "issuers": [{"issuer": "http://idp.example", "audiences": ["a"], "jwks_url": "https://idp.example/k",
+                     "jwks_file": str(tmp_path / "missing.json"), "id": "{nope}"},
+                    {"preset": "kubernetes", "audiences": ["a"]},
+                    {"preset": "github"}]}]}
+    with pytest.raises(ConfigError) as e:
+        parse_config(raw, tmp_path / "keyless.yaml")
+    problems = e.value.problems
+    text = "\n".join(problems)
+    assert "trust[0].algorithms: 'HS256' is not allowed" in text
+    assert "trust[0].max_stale: must be at least refresh_interval" in text
+    assert "trust[0].issuers[0].issuer: must be an https:// URL" in text
+    assert "trust[0].issuers[0]: set only one of discovery, jwks_url, jwks_file" in text
+    assert "trust[0].issuers[0].jwks_file: file not found" in text
+    assert "trust[0].issuers[0].id: unknown placeholder 'nope'" in text
+    assert "trust[0].issuers[1].issuer: is required" in text
+    assert "trust[0].issuers[2].audiences: is required" in text
