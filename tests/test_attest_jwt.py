@@ -306,3 +306,20 @@ def test_config_problems_are_reported_at_once(tmp_path: Path) -> None:
     assert "trust[0].issuers[0].id: unknown placeholder 'nope'" in text
     assert "trust[0].issuers[1].issuer: is required" in text
     assert "trust[0].issuers[2].audiences: is required" in text
+
+
+def test_tunnel_keeps_identity_only_while_its_token_is_valid(tmp_path: Path, upstream: Upstream,
+                                                             issuer: Issuer) -> None:
+    k = start(tmp_path, upstream, jwt_trust(issuer, clock_skew=0))
+    token = issuer.mint(exp=int(time.time()) + 2)
+    try:
+        with requests.Session() as s:
+            s.proxies = via(k, token)
+            first = s.get(upstream.url("/v1/first"), timeout=10, verify=str(k.ca_cert)).status_code
+            time.sleep(2.5)
+            second = s.get(upstream.url("/v1/second"), timeout=10, verify=str(k.ca_cert))
+    finally:
+        k.stop()
+    assert first == 200 and second.status_code == 407, second.text
+    assert "tunnel has expired" in second.json()["message"]
+    assert [r.path for r in upstream.received] == ["/v1/first"]

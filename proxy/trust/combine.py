@@ -8,6 +8,7 @@ the token says B) refuse the request: picking one would let a caller borrow the 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping
 
 from proxy.errors import KeylessError
@@ -32,7 +33,19 @@ def combine(attestations: Iterable[Attestation]) -> Identity:
     return Identity(strongest[0].id, found)
 
 
-def merge_carried(fresh: list[Attestation], carried: Iterable[Attestation]) -> list[Attestation]:
-    """Add what the tunnel's CONNECT proved, unless the same provider has just said something newer."""
+def merge_carried(fresh: list[Attestation], carried: Iterable[Attestation],
+                  now: float | None = None) -> list[Attestation]:
+    """Add what the tunnel's CONNECT proved, unless the same provider has just said something newer.
+
+    A tunnel keeps its token's identity only while the token is valid: past ``exp`` the request
+    is refused rather than served under a credential that no longer proves anything.
+    """
+    now = time.time() if now is None else now
     seen = {a.provider for a in fresh}
-    return fresh + [a for a in carried if a.provider not in seen]
+    kept = [a for a in carried if a.provider not in seen]
+    for a in kept:
+        exp = a.facts.get("expires_at")
+        if isinstance(exp, int | float) and now > exp:
+            raise KeylessError("attestation_failed", "the token that opened this tunnel has expired; reconnect",
+                               f"{a.type}({a.provider})")
+    return fresh + kept
