@@ -260,7 +260,13 @@ def test_presets_and_key_sources(tmp_path: Path, upstream: Upstream, issuer: Iss
     trust = jwt_trust(issuer, issuer_options={"preset": "github"})
     trust["issuers"].append({"issuer": offline.url, "preset": "kubernetes", "audiences": ["keyless"],
                              "jwks_file": str(tmp_path / "jwks.json")})
+    gitlab = Issuer(tmp_path / "gitlab", port=7443)
+    (tmp_path / "gitlab.json").write_text(json.dumps(gitlab.jwks()))
+    trust["issuers"].append({"issuer": gitlab.url, "preset": "gitlab", "audiences": ["keyless"],
+                             "jwks_file": str(tmp_path / "gitlab.json")})
     k = start(tmp_path, upstream, trust)
+    gl = gitlab.mint(sub="project_path:acme/infra:ref_type:branch:ref:main", project_path="acme/infra",
+                     project_id="7", ref="main", ref_protected="true", pipeline_source="push")
     gh = issuer.mint(sub="repo:acme/deploy:ref:refs/heads/main", repository="acme/deploy", repository_id="42",
                      ref="refs/heads/main", workflow="deploy", environment="prod", actor="octocat")
     k8s = offline.mint(key=offline.keys[1], **{"kubernetes.io": {
@@ -268,11 +274,13 @@ def test_presets_and_key_sources(tmp_path: Path, upstream: Upstream, issuer: Iss
     k8s_without_claims = offline.mint()
     try:
         codes = [requests.get(upstream.url("/v1/p", tls=False), proxies=via(k, t), timeout=10).status_code
-                 for t in (gh, k8s, k8s_without_claims)]
+                 for t in (gh, k8s, k8s_without_claims, gl)]
     finally:
         k.stop()
-    assert codes == [200, 200, 407]
-    records = wait_for_audit(k, 3)
+    assert codes == [200, 200, 407, 200]
+    records = wait_for_audit(k, 4)
+    gl_facts = records[3]["identity"]["attestations"][0]["facts"]
+    assert (gl_facts["preset"], gl_facts["project_path"], gl_facts["ref_protected"]) == ("gitlab", "acme/infra", "true")
     gh_facts = records[0]["identity"]["attestations"][0]["facts"]
     assert gh_facts["preset"] == "github" and gh_facts["repository"] == "acme/deploy"
     assert gh_facts["ref"] == "refs/heads/main" and gh_facts["environment"] == "prod"
