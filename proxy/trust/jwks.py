@@ -85,7 +85,8 @@ class KeySet:
         self._fetched_at: float | None = None
         self._last_attempt = float("-inf")
         self._inflight: asyncio.Task[bool] | None = None
-        self._ssl: ssl.SSLContext | None = None
+        # Built now, at startup: loading a CA file is blocking I/O and must not run on the loop.
+        self._ssl = ssl.create_default_context(cafile=str(source.ca_file) if source.ca_file else None)
 
     async def key_for(self, kid: str | None, alg: str) -> PyJWK:
         """The key to verify a token with header ``kid``/``alg``; raises KeySetError if none may be used."""
@@ -172,9 +173,6 @@ class KeySet:
             return await self._get(session, url)
 
     async def _get(self, session: aiohttp.ClientSession, url: str) -> Any:
-        if self._ssl is None:
-            cafile = str(self.source.ca_file) if self.source.ca_file else None
-            self._ssl = ssl.create_default_context(cafile=cafile)
         async with session.get(url, ssl=self._ssl, allow_redirects=False,
                                headers={"Accept": "application/json"}) as resp:
             if resp.status != 200:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ssl
 import string
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -153,8 +154,12 @@ def _parse_issuer(s: Section) -> IssuerOptions | None:
         s.error("must be an https:// URL, exactly as the tokens' iss claim spells it", "issuer")
     audiences = s.str_list("audiences")
     ca_file = s.path_value("ca_file", None)
-    if ca_file is not None and not ca_file.is_file():
-        s.error(f"file not found: {ca_file}", "ca_file")
+    if ca_file is not None:
+        try:
+            ssl.create_default_context(cafile=str(ca_file))
+        except (OSError, ssl.SSLError) as e:
+            s.error(f"cannot load CA certificates from {ca_file} ({getattr(e, 'strerror', None) or e})", "ca_file")
+            ca_file = None
     chosen = [k for k in ("discovery", "jwks_url", "jwks_file") if s.has(k)]
     discovery = s.flag("discovery", False)
     jwks_url = s.text("jwks_url", None)

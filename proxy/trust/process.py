@@ -21,6 +21,7 @@ import os
 import pwd
 import re
 import stat
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +111,7 @@ class ProcReader:
     def __init__(self, root: Path) -> None:
         self.root = root
         self._hashes: OrderedDict[tuple[int, int, int, int], str] = OrderedDict()
+        self._lock = threading.Lock()  # lookups run in worker threads, concurrently
 
     def socket_inode(self, address: str, port: int, peer: tuple[str, int] | None) -> int | None:
         local = _endpoints(address, port)
@@ -206,16 +208,17 @@ class ProcReader:
                 if not stat.S_ISREG(st.st_mode):
                     return None
                 key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-                cached = self._hashes.get(key)
+                with self._lock:
+                    cached = self._hashes.get(key)
                 if cached is not None:
-                    self._hashes.move_to_end(key)
                     return cached
                 digest = hashlib.file_digest(f, "sha256").hexdigest()
         except OSError:
             return None
-        self._hashes[key] = digest
-        if len(self._hashes) > 256:
-            self._hashes.popitem(last=False)
+        with self._lock:
+            self._hashes[key] = digest
+            if len(self._hashes) > 256:
+                self._hashes.popitem(last=False)
         return digest
 
     def lookup(self, address: str, port: int, peer: tuple[str, int] | None) -> dict[str, Any] | None:
