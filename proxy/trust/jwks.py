@@ -80,7 +80,6 @@ class KeySet:
         self.source = source
         self.policy = policy
         self.clock = clock
-        self.fetches = 0
         self._keys: list[dict[str, Any]] = []
         self._fetched_at: float | None = None
         self._last_attempt = float("-inf")
@@ -94,7 +93,7 @@ class KeySet:
         fetched_at = self._fetched_at
         if fetched_at is None or now - fetched_at > self.policy.max_stale:
             # Nothing usable cached: wait for a fetch, but at most one per cooldown.
-            if now - self._last_attempt >= self.policy.kid_miss_cooldown:
+            if self._may_refresh(now):
                 await self._refresh()
             fetched_at = self._fetched_at
             if fetched_at is None:
@@ -105,7 +104,7 @@ class KeySet:
             # Refresh in the background: the cached keys answer this request without waiting.
             self._refresh_soon(now)
         found = self._find(kid, alg)
-        if found is None and self.clock() - self._last_attempt >= self.policy.kid_miss_cooldown:
+        if found is None and self._may_refresh(self.clock()):
             await self._refresh()
             found = self._find(kid, alg)
         if found is None:
@@ -123,6 +122,10 @@ class KeySet:
                 return key
         return None
 
+    def _may_refresh(self, now: float) -> bool:
+        # Joining a fetch already under way costs the issuer nothing; a new one waits for the cooldown.
+        return self._inflight is not None or now - self._last_attempt >= self.policy.kid_miss_cooldown
+
     def _refresh_soon(self, now: float) -> None:
         if self._inflight is None and now - self._last_attempt >= self.policy.kid_miss_cooldown:
             self._inflight = asyncio.get_running_loop().create_task(self._fetch_once())
@@ -135,7 +138,6 @@ class KeySet:
 
     async def _fetch_once(self) -> bool:
         self._last_attempt = self.clock()
-        self.fetches += 1
         try:
             doc = await self._load()
             keys = parse_jwks(doc)
