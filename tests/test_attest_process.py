@@ -102,3 +102,21 @@ def test_pid_reuse_is_detected() -> None:
         os.waitpid(pid, 0)
         accepted.close()
         srv.close()
+
+
+@pytest.mark.parametrize("client_family,connect_to", [
+    (socket.AF_INET6, "::1"), (socket.AF_INET6, "::ffff:127.0.0.1"), (socket.AF_INET, "127.0.0.1")])
+def test_socket_found_over_ipv6_and_dual_stack(client_family: int, connect_to: str) -> None:
+    srv = socket.socket(socket.AF_INET6)
+    srv.bind(("::", 0))
+    srv.listen()
+    client = socket.socket(client_family)
+    client.connect((connect_to, srv.getsockname()[1]))
+    accepted, _ = srv.accept()
+    try:
+        peer, local = accepted.getpeername(), accepted.getsockname()
+        inode = ProcReader(Path("/proc")).socket_inode(peer[0], peer[1], (local[0], local[1]))
+        assert inode == os.fstat(client.fileno()).st_ino
+    finally:
+        for s in (client, accepted, srv):
+            s.close()
