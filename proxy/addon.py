@@ -65,9 +65,9 @@ class KeylessAddon:
     def _caller(self, flow: http.HTTPFlow) -> Caller:
         conn = flow.client_conn
         return caller_evidence(
-            # Redirected (transparent) connections: the client's socket names the original
-            # destination, not our listener, so only the client's own end identifies it.
-            peer=conn.peername, local=None if self.transparent else conn.sockname, connection_id=conn.id,
+            # In transparent mode mitmproxy reports the original destination as sockname, which
+            # is what the client's own socket names as its remote end: the match stays exact.
+            peer=conn.peername, local=conn.sockname, connection_id=conn.id,
             proxy_authorization=flow.request.headers.get_all("proxy-authorization"),
             certificates=[c.to_cryptography() for c in conn.certificate_list],
             carried=self._carried.get(conn.id, ()),
