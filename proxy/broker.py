@@ -79,16 +79,19 @@ class Broker:
         return trust, credentials
 
     async def attest(self, caller: Caller) -> Identity:
-        """Run every trust provider; the first verified id wins (providers are listed strongest first)."""
+        """Run every trust provider and combine their evidence (see ``proxy.trust.combine``)."""
+        from proxy.trust.combine import combine, merge_carried
+
         found: list[Attestation] = []
         for provider in self.trust:
             att = await provider.attest(caller)
             if att is not None:
                 found.append(att)
-        if not found:
-            return ANONYMOUS
-        ident = next((a.id for a in found if a.id is not None), None)
-        return Identity(ident, tuple(found))
+        if (caller.proxy_authorization is not None and not any(a.type == "jwt" for a in found)
+                and any(p.type == "jwt" for p in self.trust)):
+            # A token was presented and no provider verified it: never downgrade to "no identity".
+            raise KeylessError("attestation_failed", "no trust provider accepts the token's issuer")
+        return combine(merge_carried(found, caller.carried))
 
     def describe_request(self, ex: Exchange, method: str, scheme: str, host: str, port: int, path: str) -> None:
         # The path goes to the audit log without its query: query values may carry secrets.
@@ -112,13 +115,7 @@ class Broker:
         return doc
 
     async def decide(self, ex: Exchange, input_doc: dict[str, Any]) -> Decision:
-        try:
-            decision = await self.engine.decide(input_doc)
-        except PolicyUnavailable as e:
-            # The audit record shows a refusal with the reason code and whatever ids exist.
-            ex.decision = Decision(allow=False, reason=e.reason, revision=self.engine.revision,
-                                   engine_decision_id=e.engine_decision_id)
-            raise
+        decision = await self.engine.decide(input_doc)
         ex.decision = decision
         if not decision.allow:
             raise KeylessError("forbidden", decision.reason or "denied by policy")
@@ -164,6 +161,11 @@ class Broker:
 
 
 def _outcome(ex: Exchange, status: int | None) -> dict[str, Any]:
+    if isinstance(ex.error, PolicyUnavailable):
+        # No decision was made: the reason code (opa_timeout, malformed_decision, ...) says why,
+        # with OPA's decision id when it answered at all.
+        return {"status": status, "error": ex.error.code, "message": ex.error.message,
+                "reason": ex.error.reason, "engine_decision_id": ex.error.engine_decision_id}
     if ex.error is not None:
         return {"status": status, "error": ex.error.code, "message": ex.error.message}
     if ex.failure is not None:

@@ -1,4 +1,4 @@
-"""``keyless``: run | check | ca | env | demo | demo-api | policy test | policy eval."""
+"""``keyless``: run | check | ca | env | iptables | demo | demo-api | policy test | policy eval."""
 
 from __future__ import annotations
 
@@ -48,7 +48,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("mitmproxy").setLevel(max(logging.WARNING, logging.getLogger().level))
-    # hpack and h2 log every decoded header, values included (Authorization, X-Api-Key), at debug.
+    # hpack and h2 log every HTTP/2 header they encode or decode at debug level: that would print
+    # the app's Authorization and the injected credential into the log.
     for noisy in ("hpack", "h2"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
@@ -175,6 +176,33 @@ def _one_line(text: str | None) -> str:
     return " ".join((text or "").split())
 
 
+def cmd_iptables(args: argparse.Namespace) -> int:
+    from proxy import iptables
+
+    try:
+        ports = iptables.parse_ports(args.ports)
+    except ValueError as e:
+        print(f"--ports: {e}", file=sys.stderr)
+        return 2
+    opts = iptables.RuleOptions(
+        proxy_port=args.proxy_port, uid=None if args.uid < 0 else args.uid, gid=args.gid, ports=ports,
+        gateway=args.gateway, sources=tuple(args.source), reject_quic=not args.allow_quic)
+    ipv6 = {"on": True, "off": False, "auto": iptables.ipv6_enabled()}[args.ipv6]
+    if args.ipv6 == "off" and iptables.ipv6_enabled():
+        print("IPv6 is enabled in this network namespace: --ipv6 off would leave it unproxied", file=sys.stderr)
+        return 1
+    if not args.apply:
+        print(iptables.script(opts, ipv6), end="")
+        return 0
+    try:
+        done = iptables.apply(opts, ipv6)
+    except iptables.ApplyError as e:
+        print(f"keyless iptables: {e}", file=sys.stderr)
+        return 1
+    print(f"keyless iptables: {len(done)} rule(s) installed (IPv6 {'covered' if ipv6 else 'disabled'})")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from proxy.demo import run_demo
 
@@ -208,9 +236,14 @@ def cmd_demo_api(args: argparse.Namespace) -> int:
         tls.load_cert_chain(cert, tls_key)
 
     async def main() -> None:
-        await start_demo_api(key, args.jwks, args.address, args.port, tls)
-        scheme = "https" if tls else "http"
-        print(f"demo API on {scheme}://{args.address}:{args.port} (needs the key in {key_file} or a Keyless JWT)")
+        # With --tls-port, HTTP stays on --port and HTTPS is added; else --port speaks TLS if asked.
+        both = tls is not None and args.tls_port is not None
+        await start_demo_api(key, args.jwks, args.address, args.port, None if both else tls)
+        urls = [f"{'https' if tls and not both else 'http'}://{args.address}:{args.port}"]
+        if both:
+            await start_demo_api(key, args.jwks, args.address, args.tls_port, tls)
+            urls.append(f"https://{args.address}:{args.tls_port}")
+        print(f"demo API on {' and '.join(urls)} (needs the key in {key_file} or a Keyless JWT)")
         await asyncio.Event().wait()
 
     with contextlib.suppress(KeyboardInterrupt):
@@ -233,6 +266,18 @@ def parser() -> argparse.ArgumentParser:
     with_config(sub.add_parser("ca", help="print the CA certificate's path")).set_defaults(func=cmd_ca)
     with_config(sub.add_parser("env", help="print shell lines to use Keyless")).set_defaults(func=cmd_env)
     sub.add_parser("demo", help="run a self-contained demonstration").set_defaults(func=cmd_demo)
+    ipt = sub.add_parser("iptables", help="print (or --apply) the netfilter rules for a sidecar or gateway")
+    ipt.add_argument("--apply", action="store_true", help="install the rules instead of printing them")
+    ipt.add_argument("--gateway", action="store_true", help="rules for a gateway that receives other hosts' traffic")
+    ipt.add_argument("--proxy-port", type=int, default=15001, help="Keyless's transparent listener (15001)")
+    ipt.add_argument("--uid", type=int, default=10001, help="Keyless's uid, never redirected (-1: none)")
+    ipt.add_argument("--gid", type=int, default=None, help="also exclude this gid")
+    ipt.add_argument("--ports", default="80,443", help="TCP ports to redirect, or 'all' (80,443)")
+    ipt.add_argument("--source", action="append", default=[], help="gateway: client CIDR to redirect (repeatable)")
+    ipt.add_argument("--ipv6", choices=["auto", "on", "off"], default="auto",
+                     help="cover IPv6 (auto: when enabled in this network namespace)")
+    ipt.add_argument("--allow-quic", action="store_true", help="do not reject UDP 443")
+    ipt.set_defaults(func=cmd_iptables)
     d = sub.add_parser("demo-api", help="run the quickstart's API that requires a credential")
     d.add_argument("--address", default="127.0.0.1")
     d.add_argument("--port", type=int, default=9000)
@@ -240,6 +285,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--jwks", default="http://127.0.0.1:8081/jwks.json")
     d.add_argument("--tls-dir", help="serve HTTPS with a CA and certificate made (once) in this directory")
     d.add_argument("--tls-host", default="localhost", help="the name the certificate is for (with --tls-dir)")
+    d.add_argument("--tls-port", type=int, help="with --tls-dir: HTTPS on this port, plain HTTP stays on --port")
     d.set_defaults(func=cmd_demo_api)
 
     pol = sub.add_parser("policy", help="policy authoring tools").add_subparsers(dest="policy_command", required=True)

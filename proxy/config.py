@@ -1,6 +1,6 @@
 """``keyless.yaml`` -> frozen, validated objects; every problem is reported at once.
 
-Sections: listen, admin, tls, trust, policy, strip, credentials, signing, audit. Plug-in
+Sections: listen, admin, tls, trust, policy, strip, credentials, signing, audit, egress. Plug-in
 sections (trust providers, credentials) are validated by their own module's ``parse``.
 """
 
@@ -15,6 +15,8 @@ from typing import Any
 import yaml
 
 from proxy.confread import Section
+from proxy.egress import EgressConfig
+from proxy.egress import parse as parse_egress
 from proxy.errors import ConfigError
 from proxy.policy.options import ENGINES, PolicyExtras, parse_extras
 
@@ -30,6 +32,25 @@ DEFAULT_STRIP_HEADERS = (
     "x-goog-api-key",
     "ocp-apim-subscription-key",
 )
+# Headers an app could use to claim an identity or a client address. Keyless never reads identity
+# from them and always strips them, whatever strip.headers says: the upstream must not trust them
+# either (they would carry the app's claim, not Keyless's attestation).
+IDENTITY_HEADERS = (
+    "proxy-authorization",
+    "forwarded",
+    "x-forwarded-for",
+    "x-real-ip",
+    "x-client-ip",
+    "true-client-ip",
+    "x-forwarded-client-cert",
+    "x-client-cert",
+    "x-ssl-client-cert",
+    "client-cert",
+    "client-cert-chain",
+    "x-spiffe-id",
+    "x-workload-id",
+    "x-keyless-identity",
+)
 DEFAULT_STRIP_QUERY = ("api_key", "apikey", "api-key", "access_token", "token")
 
 
@@ -38,6 +59,8 @@ class ListenConfig:
     address: str = "127.0.0.1"
     port: int = 8080
     mode: str = "regular"
+    # On SIGTERM: stop accepting, let in-flight requests finish for up to this long, then exit.
+    drain_seconds: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +74,8 @@ class AdminConfig:
 class TlsConfig:
     ca_dir: Path
     upstream_ca: Path | None = None
+    # A copy of the CA certificate (never the key) for apps to trust, e.g. on a shared volume.
+    publish_ca: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +88,7 @@ class PolicyConfig:
 
 @dataclass(frozen=True, slots=True)
 class StripConfig:
-    headers: tuple[str, ...] = DEFAULT_STRIP_HEADERS
+    headers: tuple[str, ...] = DEFAULT_STRIP_HEADERS + IDENTITY_HEADERS[1:]
     query_params: tuple[str, ...] = DEFAULT_STRIP_QUERY
     cookies: bool = True
 
@@ -101,6 +126,7 @@ class Config:
     credentials: Mapping[str, PluginConfig]
     signing: SigningConfig
     audit: AuditConfig
+    egress: EgressConfig = EgressConfig()
 
 
 def load_config(path: Path) -> Config:
@@ -132,7 +158,8 @@ def parse_config(raw: Any, source: Path) -> Config:
     listen = ListenConfig(
         address=s.text("address", "127.0.0.1"),
         port=s.integer("port", 8080, lo=0, hi=65535),
-        mode=s.choice("mode", ("regular",), "regular"),
+        mode=s.choice("mode", ("regular", "transparent"), "regular"),
+        drain_seconds=s.number("drain_seconds", 10.0),
     )
     s.done()
 
@@ -151,6 +178,7 @@ def parse_config(raw: Any, source: Path) -> Config:
     tls = TlsConfig(
         ca_dir=s.path_value("ca_dir", Path("~/.keyless/ca").expanduser()),
         upstream_ca=s.path_value("upstream_ca", None),
+        publish_ca=s.path_value("publish_ca", None),
     )
     if tls.upstream_ca is not None and not tls.upstream_ca.is_file():
         s.error(f"file not found: {tls.upstream_ca}", "upstream_ca")
@@ -189,8 +217,8 @@ def parse_config(raw: Any, source: Path) -> Config:
 
     s = top.section("strip")
     strip = StripConfig(
-        headers=_lower(s.str_list("headers", DEFAULT_STRIP_HEADERS))
-        + _lower(s.str_list("extra_headers", ())),
+        headers=_with_identity(_lower(s.str_list("headers", DEFAULT_STRIP_HEADERS))
+                               + _lower(s.str_list("extra_headers", ()))),
         query_params=s.str_list("query_params", DEFAULT_STRIP_QUERY)
         + s.str_list("extra_query_params", ()),
         cookies=s.flag("cookies", True),
@@ -218,6 +246,10 @@ def parse_config(raw: Any, source: Path) -> Config:
     audit = AuditConfig(path=s.text("path", "-"))
     s.done()
 
+    s = top.section("egress")
+    egress = parse_egress(s)
+    s.done()
+
     top.done()
     config = Config(
         source=source,
@@ -230,6 +262,7 @@ def parse_config(raw: Any, source: Path) -> Config:
         credentials=MappingProxyType(credentials),
         signing=signing,
         audit=audit,
+        egress=egress,
     )
     if problems:
         raise ConfigError(problems, partial=config)
@@ -238,3 +271,7 @@ def parse_config(raw: Any, source: Path) -> Config:
 
 def _lower(values: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(v.lower() for v in values)
+
+
+def _with_identity(headers: tuple[str, ...]) -> tuple[str, ...]:
+    return headers + tuple(h for h in IDENTITY_HEADERS if h not in headers)

@@ -113,6 +113,10 @@ async def serve(prep: Prepared) -> int:
 
     config = prep.config
     ca_cert = ensure_ca(config.tls.ca_dir)
+    if config.tls.publish_ca is not None:
+        from proxy.ca import publish_ca
+
+        publish_ca(ca_cert, config.tls.publish_ca)
     sink: AuditSink = JsonLinesSink(config.audit.path)
     broker = Broker(config, prep.engine, prep.signer, sink, prep.trust, prep.credentials)
     policy = prep.policy
@@ -130,11 +134,12 @@ async def serve(prep: Prepared) -> int:
     # could answer or rewrite a request behind Keyless's back.
     master.addons.add(
         core.Core(), proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig(),
-        errorcheck.ErrorCheck(repeat_errors_on_stderr=True), KeylessAddon(broker), Ready(),
+        errorcheck.ErrorCheck(repeat_errors_on_stderr=True), keyless_addon := KeylessAddon(broker), Ready(),
     )
     # Options belong to the addons that define them, so they are set once all are loaded.
     master.options.update(
-        mode=["regular"],
+        # "transparent": the original destination comes from the redirected socket (SO_ORIGINAL_DST).
+        mode=[config.listen.mode],
         listen_host=config.listen.address,
         listen_port=config.listen.port,
         confdir=str(config.tls.ca_dir),
@@ -143,6 +148,9 @@ async def serve(prep: Prepared) -> int:
         upstream_cert=False,
         ssl_insecure=False,
         ssl_verify_upstream_trusted_ca=str(config.tls.upstream_ca) if config.tls.upstream_ca else None,
+        # Ask clients for a certificate only when an mtls provider will verify it (mitmproxy
+        # itself accepts any certificate; some clients hang up when asked for one they lack).
+        request_client_cert=any(p.type == "mtls" for p in config.trust),
     )
 
     def is_ready() -> bool:
@@ -163,9 +171,12 @@ async def serve(prep: Prepared) -> int:
             where = f"{config.admin.address}:{config.admin.port}"
             raise ConfigError([f"admin: cannot listen on {where} ({e.strerror})"]) from None
 
+    from proxy.drain import Drainer
+
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, master.shutdown)
+    drainer = Drainer(master, keyless_addon.inflight, config.listen.drain_seconds, on_start=ready.clear)
+    loop.add_signal_handler(signal.SIGINT, master.shutdown)
+    loop.add_signal_handler(signal.SIGTERM, drainer.start)
     log.info("keyless listening on %s:%d (policy revision %s, CA %s)", config.listen.address,
              config.listen.port, prep.engine.revision, ca_cert)
     if policy is not None:

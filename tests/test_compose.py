@@ -48,7 +48,8 @@ def test_compose_wires_opa_keyless_api_and_a_secretless_client() -> None:
     assert keyless["build"] == "." and (REPO / "Dockerfile").is_file()
     client = services["client"]
     assert set(client["environment"]) == {"HTTPS_PROXY"}
-    assert "https://demo-api:9000/" in client["command"][0] and "--cacert" in client["command"][0]
+    assert client["volumes"] == ["keyless-ca:/ca:ro"]  # the published CA certificate, never the key
+    assert "https://demo-api:9443/v1/invoices" in client["command"] and "/ca/ca.pem" in client["command"]
 
 
 def _default(value: str) -> str:

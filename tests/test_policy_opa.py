@@ -178,7 +178,10 @@ def test_keyless_with_opa_end_to_end(tmp_path: Path, upstream: Upstream, opa: Op
     assert revision.startswith("sha256:") and ready["policy"]["revision"] == revision
     for r in allowed:
         assert r["decision"]["engine_decision_id"] and r["decision"]["revision"] == revision
-    reasons = sorted(r["decision"]["reason"] for r in records if r["outcome"]["error"] == "policy_unavailable")
+    failed = [r for r in records if r["outcome"]["error"] == "policy_unavailable"]
+    assert all(r["decision"] is None and r["policy_revision"] == revision for r in failed)
+    assert [r["outcome"]["engine_decision_id"] is not None for r in failed].count(True) == 1  # malformed
+    reasons = sorted(r["outcome"]["reason"] for r in failed)
     assert reasons == ["malformed_decision", "opa_http_error", "opa_malformed_response", "opa_timeout"]
     undefined = [r for r in records if r["outcome"]["error"] == "forbidden"]
     assert undefined[0]["decision"]["engine_decision_id"]
@@ -213,7 +216,7 @@ def test_not_ready_until_opa_has_answered(tmp_path: Path) -> None:
     finally:
         k.stop()
         opa.stop()
-    assert k.audit()[-1]["decision"]["reason"] == "opa_unreachable"
+    assert k.audit()[-1]["outcome"]["reason"] == "opa_unreachable"
 
 
 def test_engines_agree_on_the_guide_examples() -> None:
