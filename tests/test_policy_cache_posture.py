@@ -73,6 +73,12 @@ def test_cache_only_with_cache_ttl_and_keyed_by_everything(tmp_path: Path) -> No
         facts = copy.deepcopy(a)
         facts["identity"]["attestations"][0]["facts"] = {"cidr": "10.0.0.0/8"}
         variants.append(facts)
+        source = copy.deepcopy(a)
+        source["source"]["address"] = "127.0.0.2"
+        variants.append(source)
+        dialled = copy.deepcopy(a)
+        dialled["destination"] = {"address": "10.1.2.3", "port": 443}
+        variants.append(dialled)
         for v in variants:
             assert not (await cache.decide(v)).cached
         # No cache_ttl, no caching.

@@ -2,7 +2,8 @@
 
 The key holds everything the decision may depend on that Keyless can name: the identity id and
 every attestation (with its facts), the request's method, scheme, host, port, path and query,
-the posture context, and the policy revision. Headers and the clock are not in the key: a policy
+the posture context, the source address, the original destination (transparent mode), and the
+policy revision. Headers and the clock are not in the key: a policy
 that reads them must not set ``cache_ttl`` (docs/policy.md says so). A new revision empties the
 cache, so a reload never serves a decision of the old policy.
 """
@@ -28,6 +29,10 @@ def cache_key(input_doc: dict[str, Any], revision: str) -> str:
         req.get("method"), req.get("scheme"), req.get("host"), req.get("port"), req.get("path"),
         req.get("query"),
         ctx.get("posture"),
+        # Also what a policy may read beside the identity: the caller's address (not its port,
+        # which changes per connection) and, in transparent mode, the address really dialled.
+        input_doc.get("source", {}).get("address"),
+        input_doc.get("destination"),
     ]
     # sort_keys: the same facts in another order are the same key; default=str never raises.
     return json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
