@@ -11,6 +11,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import requests
+
 from proxy.policy.cache import CachingEngine
 from proxy.policy.embedded import EmbeddedEngine
 from proxy.policy.options import PostureOptions
@@ -216,3 +218,34 @@ def test_a_new_opa_revision_empties_the_cache(tmp_path: Path) -> None:
     finally:
         opa.stop()
         second.stop()
+
+
+def test_cache_end_to_end_never_serves_a_to_b(tmp_path: Path, upstream: Upstream) -> None:
+    policies = tmp_path / "cachepol"
+    policies.mkdir()
+    (policies / "egress.rego").write_text(CACHING_POLICY)
+    (tmp_path / "key").write_text("canary-cache-key-5\n")
+    cfg = base_config(tmp_path, upstream, policy={"dir": str(policies)},
+                      trust=[{"name": "loopback", "type": "source_ip", "workloads": [
+                          {"cidr": "127.0.0.1/32", "id": "spiffe://t/a"},
+                          {"cidr": "127.0.0.2/32", "id": "spiffe://t/b"}]}],
+                      credentials={"demo-api": {"type": "static", "from": "file", "file": str(tmp_path / "key")}})
+    k = Keyless(tmp_path, cfg).start()
+
+    def call(source: str) -> int:
+        out = subprocess.run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "--interface", source,
+                              upstream.url("/v1/invoices")], env=k.client_env(), capture_output=True, text=True,
+                             timeout=30)
+        return int(out.stdout)
+
+    try:
+        assert [call("127.0.0.1"), call("127.0.0.1"), call("127.0.0.2"), call("127.0.0.1"), call("127.0.0.2")] == [
+            200, 200, 403, 200, 403]
+        cache = requests.get(k.admin_url + "/readyz", timeout=5).json()["policy"]["cache"]
+    finally:
+        k.stop()
+    records = wait_for_audit(k, 5)
+    assert [(r["identity"]["id"], r["decision"]["allow"], r["decision"]["cached"]) for r in records] == [
+        ("spiffe://t/a", True, False), ("spiffe://t/a", True, True), ("spiffe://t/b", False, False),
+        ("spiffe://t/a", True, True), ("spiffe://t/b", False, True)]
+    assert cache["hits"] == 3
