@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -140,3 +142,41 @@ def test_bundle_archive_from_a_path_with_nested_data(tmp_path: Path) -> None:
     assert runtime.engine.revision == "2026.11.25-1"
     d = asyncio.run(runtime.engine.decide(TABLE[0]))
     assert d.allow and d.reason == "reason from nested data.json"
+
+
+CRASHING_TEST = """package keyless.crash_test
+
+import rego.v1
+
+import data.keyless.egress
+
+# rego-cpp aborts its whole process on `with input as {...}` when the policy calls built-ins.
+test_whole_input if {
+	d := egress.decision with input as {"identity": {"id": "x", "attestations": []},
+		"request": {"method": "DELETE", "scheme": "https", "host": "localhost", "port": 443,
+		"path": "/v1/x", "query": {}, "headers": {}}, "context": {}}
+	d.allow == false
+}
+"""
+
+
+def test_a_test_that_crashes_rego_cpp_rejects_the_version_not_the_proxy(tmp_path: Path, upstream: Upstream) -> None:
+    policies = copy_policies(tmp_path / "policies")
+    cfg = base_config(tmp_path, upstream, credentials=_credentials(tmp_path),
+                      policy={"dir": str(policies), "reload": {"interval": 0.1}})
+    k = Keyless(tmp_path, cfg).start()
+    proxies = {"https": k.proxy_url}
+    try:
+        revision = readyz(k)["policy"]["revision"]
+        write_atomically(policies / "crash_test.rego", CRASHING_TEST)
+        wait_until(lambda: readyz(k)["policy"]["reload_failures"] == 1, what="rejected crashing tests")
+        status = readyz(k)["policy"]
+        assert status["revision"] == revision and "policy tests crashed" in status["last_reload_error"]
+        r = requests.get(upstream.url("/v1/invoices"), proxies=proxies, verify=str(k.ca_cert), timeout=10)
+        assert r.status_code == 200
+    finally:
+        k.stop()
+    # At start (and in `keyless check`), the same version is refused with one clear line.
+    out = subprocess.run([sys.executable, "-m", "proxy.cli", "check", "-c", str(k.config_file)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "policy: policy tests crashed" in out.stderr

@@ -24,7 +24,7 @@ from proxy.errors import KeylessError
 from proxy.model import Decision
 from proxy.policy.bundle import fetch_bundle_sync, read_bundle_archive
 from proxy.policy.embedded import EmbeddedEngine, PolicyLoadError, PolicySource, read_policy_dir
-from proxy.policy.testing import run_source_tests, run_source_tests_isolated
+from proxy.policy.testing import run_source_tests_isolated, run_source_tests_isolated_sync
 
 log = logging.getLogger("keyless.policy")
 
@@ -131,7 +131,7 @@ def vet(source: PolicySource, query: str, run_tests: bool) -> EmbeddedEngine:
     except KeylessError as e:
         raise PolicyLoadError([e.message]) from None
     if run_tests and source.has_tests:
-        failed = [r for r in run_source_tests(source) if not r.passed]
+        failed = [r for r in run_source_tests_isolated_sync(source) if not r.passed]
         if failed:
             raise PolicyLoadError([f"test failed: {r.name}: {r.detail}" for r in failed])
     return engine

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,34 @@ def run_source_tests(source: PolicySource) -> list[TestResult]:
     return results
 
 
+_CHILD = [sys.executable, "-m", "proxy.policy.testing"]
+
+
+def _request(source: PolicySource) -> bytes:
+    return json.dumps({"modules": [list(m) for m in source.modules], "data": source.data,
+                       "revision": source.revision}).encode()
+
+
+def _results(code: int | None, out: bytes, err: bytes) -> list[TestResult]:
+    if code != 0:
+        lines = err.decode(errors="replace").strip().splitlines()
+        raise PolicyLoadError(lines if code == 2 and lines else [f"policy tests crashed (exit code {code})"])
+    return [TestResult(name, passed, detail) for name, passed, detail in json.loads(out)]
+
+
+def run_source_tests_isolated_sync(source: PolicySource, timeout: float = 120.0) -> list[TestResult]:
+    """``run_source_tests`` in a child process (at start and in ``keyless check``).
+
+    rego-cpp aborts the whole process on some test constructs (``with input as {...}`` when the
+    policy calls built-ins): in a child, that is a rejected version, not a dead proxy.
+    """
+    try:
+        done = subprocess.run(_CHILD, input=_request(source), capture_output=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise PolicyLoadError([f"policy tests did not finish within {timeout:g} s"]) from None
+    return _results(done.returncode, done.stdout, done.stderr)
+
+
 async def run_source_tests_isolated(source: PolicySource, timeout: float = 120.0) -> list[TestResult]:
     """``run_source_tests`` in a child process, for hot reload.
 
@@ -70,21 +99,15 @@ async def run_source_tests_isolated(source: PolicySource, timeout: float = 120.0
     state with the engine serving requests, and a test that crashes rego-cpp cannot take the
     proxy down. Raises PolicyLoadError when the tests cannot be run at all.
     """
-    doc = {"modules": [list(m) for m in source.modules], "data": source.data, "revision": source.revision}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy.policy.testing", stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        *_CHILD, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
-        out, err = await asyncio.wait_for(proc.communicate(json.dumps(doc).encode()), timeout)
+        out, err = await asyncio.wait_for(proc.communicate(_request(source)), timeout)
     except TimeoutError:
         proc.kill()
         await proc.wait()
         raise PolicyLoadError([f"policy tests did not finish within {timeout:g} s"]) from None
-    if proc.returncode != 0:
-        lines = err.decode(errors="replace").strip().splitlines()
-        raise PolicyLoadError(lines if proc.returncode == 2 and lines
-                              else [f"policy tests crashed (exit code {proc.returncode})"])
-    return [TestResult(name, passed, detail) for name, passed, detail in json.loads(out)]
+    return _results(proc.returncode, out, err)
 
 
 def _child() -> int:
