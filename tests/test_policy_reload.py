@@ -180,3 +180,30 @@ def test_a_test_that_crashes_rego_cpp_rejects_the_version_not_the_proxy(tmp_path
     out = subprocess.run([sys.executable, "-m", "proxy.cli", "check", "-c", str(k.config_file)],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "policy: policy tests crashed" in out.stderr
+
+
+def test_hostile_bundles_are_rejected(tmp_path: Path) -> None:
+    import io
+    import tarfile
+
+    import pytest
+
+    from proxy.policy.bundle import MAX_BUNDLE_BYTES, read_bundle_archive
+    from proxy.policy.embedded import PolicyLoadError
+
+    def archive(name: str, data: bytes) -> bytes:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        return buf.getvalue()
+
+    with pytest.raises(PolicyLoadError, match="escapes the bundle root"):
+        read_bundle_archive(archive("../evil.rego", b"package x"), "b.tar.gz")
+    bomb = archive("data.json", b" " * (MAX_BUNDLE_BYTES + 1))
+    assert len(bomb) < 200_000  # small on the wire
+    with pytest.raises(PolicyLoadError, match="unpacks to more than"):
+        read_bundle_archive(bomb, "b.tar.gz")
+    with pytest.raises(PolicyLoadError, match="not a gzipped tar bundle"):
+        read_bundle_archive(b"plain text", "b.tar.gz")

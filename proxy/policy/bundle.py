@@ -36,7 +36,11 @@ def read_bundle_archive(blob: bytes, name: str) -> PolicySource:
     revision = "sha256:" + hashlib.sha256(blob).hexdigest()[:12]
     try:
         with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as tar:
-            members = [(m, tar.extractfile(m)) for m in tar.getmembers() if m.isfile()]
+            regular = [m for m in tar.getmembers() if m.isfile()]
+            # A few KB of gzip can claim gigabytes: check the sizes before reading anything.
+            if sum(m.size for m in regular) > MAX_BUNDLE_BYTES:
+                raise PolicyLoadError([f"{name}: bundle unpacks to more than {MAX_BUNDLE_BYTES} bytes"])
+            members = [(m, tar.extractfile(m)) for m in regular]
             files = {_clean(m.name): f.read() for m, f in members if f is not None}
     except (tarfile.TarError, OSError, EOFError) as e:
         raise PolicyLoadError([f"{name}: not a gzipped tar bundle ({e})"]) from None
