@@ -46,7 +46,7 @@ const provider = new Provider(issuer, {
     },
   },
   // Exchanged tokens carry the subject they were issued for (RFC 8693 section 4.1 `act`).
-  extraTokenClaims: (ctx) => ctx.state.exchange,
+  extraTokenClaims: (ctx) => ctx?.state?.exchange,
   formats: {
     customizers: {
       jwt(ctx, token, jwt) {
@@ -82,6 +82,7 @@ provider.registerGrantType(EXCHANGE, async (ctx, next) => {
     scope: 'read write admin', audience: resource, accessTokenTTL: conf.ttl,
     accessTokenFormat: 'jwt', jwt: { sign: { alg: 'RS256' } },
   });
+  ctx.oidc.entity('ClientCredentials', token);
   const value = await token.save();
   ctx.body = {
     access_token: value,
@@ -119,6 +120,10 @@ provider.use(async (ctx, next) => {
     stats.byGrant[g] = (stats.byGrant[g] || 0) + 1;
   }
 });
+
+// Server-side failures go to the log the tests keep (never token values: only messages).
+provider.on('server_error', (ctx, err) => { process.stdout.write(`server_error: ${err.stack}\n`); });
+provider.on('grant.error', (ctx, err) => { process.stdout.write(`grant.error: ${err.message} ${err.error_description || ''}\n`); });
 
 provider.listen(conf.port, '127.0.0.1', () => {
   process.stdout.write(`listening ${issuer}\n`);
