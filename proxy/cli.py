@@ -48,6 +48,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("mitmproxy").setLevel(max(logging.WARNING, logging.getLogger().level))
+    # At DEBUG these log header values (hpack: every HTTP/2 header, including the credentials
+    # Keyless strips or injects) and bodies (botocore: secrets): never below INFO.
+    for noisy in ("hpack", "botocore", "boto3", "urllib3"):
+        logging.getLogger(noisy).setLevel(max(logging.INFO, logging.getLogger().level))
     try:
         prep = prepare(_load(args.config))
         return asyncio.run(serve(prep))

@@ -10,9 +10,11 @@ service and region). mitmproxy verifies every upstream certificate, so a signatu
 sent to the host it was computed for: Keyless cannot be used as a signing oracle.
 
 Payloads: the body is hashed (``x-amz-content-sha256``) because mitmproxy buffers it. If the app
-sent ``UNSIGNED-PAYLOAD`` or ``STREAMING-UNSIGNED-PAYLOAD-TRAILER`` (S3 over HTTPS) and the
-endpoint has ``unsigned_payload: true``, that literal is kept. Chunk-signed streaming uploads
-(``STREAMING-AWS4-HMAC-SHA256-PAYLOAD``) cannot be re-signed and are refused.
+sent ``UNSIGNED-PAYLOAD`` (S3 over HTTPS) and the endpoint has ``unsigned_payload: true``, that
+literal is kept. An ``aws-chunked`` upload with ``STREAMING-UNSIGNED-PAYLOAD-TRAILER`` (what
+current SDKs send by default) is decoded into a plain body whose checksum trailer becomes a
+header, then signed with its hash. Chunk-signed uploads (``STREAMING-AWS4-HMAC-SHA256-*``)
+cannot be re-signed and are refused.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import xml.etree.ElementTree as ET  # noqa: S405 - the STS endpoint is configure
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from botocore.auth import S3SigV4Auth, SigV4Auth
 from botocore.awsrequest import AWSRequest
@@ -33,7 +35,7 @@ from botocore.credentials import ReadOnlyCredentials
 from proxy.confread import Section
 from proxy.credentials import Runtime
 from proxy.credentials.cache import CachePolicy, FetchError, Token, TokenCache
-from proxy.credentials.http import endpoint_url, request_body
+from proxy.credentials.http import endpoint_url, quiet_botocore, request_body
 from proxy.errors import KeylessError
 from proxy.model import Grant, GrantContext, OutboundRequest, fingerprint
 
@@ -47,6 +49,7 @@ UNSIGNED = ("UNSIGNED-PAYLOAD", "STREAMING-UNSIGNED-PAYLOAD-TRAILER")
 SIGNED_EXTRA = ("content-type", "content-md5", "content-encoding")
 _ROLE_ARN = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]{1,512}$")
 _NS = "{https://sts.amazonaws.com/doc/2011-06-15/}"
+quiet_botocore()
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,16 +207,62 @@ class AwsSigV4Credential:
 
     def _payload(self, request: OutboundRequest, endpoint: Endpoint) -> str:
         claimed = request.headers.get("x-amz-content-sha256", "")
-        chunk_signed = claimed.startswith("STREAMING-AWS4-HMAC-SHA256")
-        if chunk_signed or (claimed == "STREAMING-UNSIGNED-PAYLOAD-TRAILER" and not endpoint.unsigned_payload):
+        if claimed.startswith("STREAMING-AWS4-HMAC-SHA256"):
             raise KeylessError("credential_unavailable",
-                               f"cannot re-sign a streaming upload ({claimed}); see docs/credentials.md", self.label)
-        if claimed in UNSIGNED and endpoint.unsigned_payload:
+                               f"cannot re-sign a chunk-signed upload ({claimed}); see docs/credentials.md", self.label)
+        if claimed == "UNSIGNED-PAYLOAD" and endpoint.unsigned_payload:
             return claimed
         body: Any = getattr(request, "raw_content", b"")
         if body is None:
             raise KeylessError("credential_unavailable", "request body was streamed; cannot hash it", self.label)
+        if claimed == "STREAMING-UNSIGNED-PAYLOAD-TRAILER":
+            # What SDKs send by default for uploads (flexible checksums). The body is buffered
+            # anyway, so Keyless turns it back into a plain body and signs its hash: the payload
+            # ends up covered by the signature, which the app's unsigned upload never was.
+            body = dechunk(request, body)
         return hashlib.sha256(body).hexdigest()
+
+
+def dechunk(request: OutboundRequest, body: bytes) -> bytes:
+    """Decode an unsigned ``aws-chunked`` body in place; trailers (checksums) become headers."""
+    out, pos = bytearray(), 0
+    trailers: dict[str, str] = {}
+    try:
+        while True:
+            end = body.index(b"\r\n", pos)
+            size = int(body[pos:end].split(b";", 1)[0], 16)
+            pos = end + 2
+            if size == 0:
+                break
+            out += body[pos:pos + size]
+            if len(body) < pos + size + 2 or body[pos + size:pos + size + 2] != b"\r\n":
+                raise ValueError("chunk overruns body")
+            pos += size + 2
+        while True:
+            end = body.index(b"\r\n", pos)
+            line = body[pos:end].decode("ascii")
+            pos = end + 2
+            if not line:
+                break
+            name, _, value = line.partition(":")
+            if not name.lower().startswith("x-amz-checksum-"):
+                raise ValueError("unexpected trailer")
+            trailers[name.strip().lower()] = value.strip()
+    except (ValueError, UnicodeDecodeError):
+        raise KeylessError("bad_request", "malformed aws-chunked request body") from None
+    h = request.headers
+    for name in ("x-amz-trailer", "x-amz-decoded-content-length"):
+        if name in h:
+            del h[name]
+    encodings = [e.strip() for e in h.get("content-encoding", "").split(",") if e.strip() not in ("", "aws-chunked")]
+    if "content-encoding" in h:
+        del h["content-encoding"]
+    if encodings:
+        h["content-encoding"] = ", ".join(encodings)
+    h.update(trailers)
+    h["content-length"] = str(len(out))
+    cast(Any, request).raw_content = bytes(out)
+    return bytes(out)
 
 
 def sign_request(request: OutboundRequest, endpoint: Endpoint, creds: ReadOnlyCredentials, payload: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import re
 import ssl
 from pathlib import Path
@@ -23,6 +24,15 @@ from proxy.credentials.cache import FetchError
 MAX_BODY = 1 << 20
 _ERROR_CODE = re.compile(r"^[A-Za-z_.]{1,64}$")
 _XML_CODE = re.compile(rb"<Code>([A-Za-z_.]{1,64})</Code>")
+
+
+def quiet_botocore() -> None:
+    """Cap botocore's loggers at INFO: at DEBUG it logs canonical requests (with the session
+    token) and response bodies (with secret values), and ``--log-level debug`` must stay safe."""
+    for name in ("botocore", "boto3", "urllib3"):
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET or logger.level < logging.INFO:
+            logger.setLevel(logging.INFO)
 
 
 class HttpClients:
