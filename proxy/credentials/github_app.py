@@ -79,9 +79,8 @@ class GitHubAppCredential:
         self.label = f"github_app({name})"
         self.runtime = runtime
         try:
-            pem = check_secret(options.private_key_file.read_text()).encode()
-            key = serialization.load_pem_private_key(pem, password=None)
-        except (OSError, ValueError, TypeError, SecretError) as e:
+            key = serialization.load_pem_private_key(options.private_key_file.read_bytes(), password=None)
+        except (OSError, ValueError, TypeError) as e:
             why = getattr(e, "strerror", None) or type(e).__name__
             raise ConfigError([f"credentials.{name}.private_key_file: cannot load the App's RSA key ({why})"]) from None
         if not isinstance(key, rsa.RSAPrivateKey):
