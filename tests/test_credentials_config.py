@@ -66,9 +66,9 @@ def test_repr_never_shows_secrets(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 def test_missing_client_secret_is_a_config_error(tmp_path: Path) -> None:
     raw = {"policy": {"dir": str(REPO / "policies")}, "credentials": {
         "o": {"type": "oauth2", "token_url": "https://issuer.example/token", "client_id": "c",
-              "client_secret_env": "KL_SURELY_UNSET_VARIABLE"}}}
+              "client_secret_env": "KL_UNSET_VARIABLE"}}}
     config = parse_config(raw, tmp_path / "keyless.yaml")
     p = config.credentials["o"]
     with pytest.raises(ConfigError) as e:
         CREDENTIALS[p.type].create("o", p.options, Runtime(Signer.create("ES256", None, "keyless")))
-    assert e.value.problems == ["credentials.o: client secret: environment variable KL_SURELY_UNSET_VARIABLE is not set"]
+    assert e.value.problems == ["credentials.o: client secret: environment variable KL_UNSET_VARIABLE is not set"]
