@@ -183,7 +183,10 @@ def test_aws_cli_and_boto3_without_credentials_succeed_through_keyless(tmp_path:
 def test_signs_only_configured_endpoints_over_tls(tmp_path: Path, moto: Moto, upstream: Upstream) -> None:
     k = aws_keyless(tmp_path, moto, **{"aws-plain": {
         "type": "aws_sigv4", "role_arn": ROLE, "sts_endpoint": moto.url + "/", "ca_file": str(moto.ca),
-        "endpoints": [{"host": "localhost", "port": upstream.http_port, "service": "s3"}]}})
+        "endpoints": [{"host": "localhost", "port": upstream.http_port, "service": "s3"}]}, "aws-nosts": {
+        "type": "aws_sigv4", "role_arn": ROLE, "sts_endpoint": f"https://localhost:{free_port()}/",
+        "timeout": 1, "retries": 1, "endpoints": [{"host": "localhost", "port": upstream.https_port, "service": "s3"}]},
+    })
     k.config["tls"]["upstream_ca"] = str(upstream.ca_file)
     k.config_file.write_text(json.dumps(k.config))
     k.start()
@@ -194,10 +197,14 @@ def test_signs_only_configured_endpoints_over_tls(tmp_path: Path, moto: Moto, up
         # A configured endpoint reached over plain HTTP: refused, TLS is required.
         plain = subprocess.run(["curl", "-sS", "-w", "\n%{http_code}", upstream.url("/aws-plain/x", tls=False)],
                                env=k.client_env(), capture_output=True, text=True, timeout=60)
+        # STS unreachable: no credentials, so no request.
+        nosts = subprocess.run(["curl", "-sS", "-w", "\n%{http_code}", upstream.url("/aws-nosts/x")],
+                               env=k.client_env(), capture_output=True, text=True, timeout=60)
     finally:
         k.stop()
     assert other.stdout.endswith("503") and "not an AWS endpoint this credential signs for" in other.stdout
     assert plain.stdout.endswith("503") and "only over verified TLS" in plain.stdout
+    assert nosts.stdout.endswith("503") and "STS: cannot connect" in nosts.stdout, nosts.stdout
     assert upstream.received == []
 
 

@@ -71,7 +71,7 @@ def is_loopback(host: str) -> bool:
 
 def endpoint_url(s: Section, key: str, default: Any = None) -> str | None:
     """An https URL (plain http only to a loopback address, for local issuers and tests)."""
-    value: str | None = s.text(key, default) if default is not None else (s.text(key, None))
+    value: str | None = s.text(key, default)
     if value is None:
         return None
     try:
