@@ -108,6 +108,19 @@ def test_slow_fetch_times_out() -> None:
     assert time.monotonic() - started < 1 and len(calls) == 2
 
 
+def test_unexpected_fetch_error_still_answers_every_waiter() -> None:
+    async def broken(key: str) -> Token:
+        raise RuntimeError("bug")
+
+    cache: TokenCache[str] = TokenCache("oauth2(test)", broken)
+
+    async def main() -> list[BaseException | Token]:
+        return await asyncio.wait_for(asyncio.gather(*(cache.get("k") for _ in range(5)), return_exceptions=True), 5)
+
+    results = asyncio.run(main())
+    assert all(isinstance(r, KeylessError) and r.code == "credential_unavailable" for r in results)
+
+
 def test_repr_hides_token_values() -> None:
     token = Token("canary-token-value", 1.0, data="canary-data")
     assert "canary" not in repr(token)

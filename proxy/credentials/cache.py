@@ -112,7 +112,14 @@ class TokenCache[K: Hashable]:
 
     async def _run(self, key: K, future: asyncio.Future[Token], background: bool) -> None:
         try:
-            token = await self._fetch_with_retries(key)
+            try:
+                token = await self._fetch_with_retries(key)
+            except KeylessError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a bug must not leave waiters hanging forever
+                log.error("%s: fetch failed unexpectedly: %s", self.provider, type(e).__name__)
+                raise KeylessError("credential_unavailable", f"internal error while fetching ({type(e).__name__})",
+                                   self.provider) from None
         except KeylessError as e:
             self.failures += 1
             if background:
