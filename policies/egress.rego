@@ -15,7 +15,7 @@ grants := [
 	{
 		"reason": "billing may read the demo API with its API key",
 		"workload": "spiffe://demo.local/billing",
-		"hosts": {"localhost", "127.0.0.1"},
+		"hosts": {"localhost", "127.0.0.1", "demo-api"},
 		"methods": {"GET", "HEAD"},
 		"path_prefix": "/v1/",
 		"credential": "demo-api",
@@ -23,7 +23,7 @@ grants := [
 	{
 		"reason": "billing may file reports, authenticated by a Keyless-minted JWT",
 		"workload": "spiffe://demo.local/billing",
-		"hosts": {"localhost", "127.0.0.1"},
+		"hosts": {"localhost", "127.0.0.1", "demo-api"},
 		"methods": {"POST"},
 		"path_prefix": "/v1/reports",
 		"credential": "workload-jwt",

@@ -12,10 +12,13 @@ import logging
 from typing import Any
 
 from mitmproxy import http, tcp
+from mitmproxy.proxy import server_hooks
 
 from proxy.broker import Broker, Exchange, check_authority
+from proxy.egress import Egress
 from proxy.errors import KeylessError
 from proxy.model import Source
+from proxy.paths import check_path
 from proxy.trust import Caller
 
 log = logging.getLogger("keyless")
@@ -44,6 +47,14 @@ class KeylessAddon:
         self.broker = broker
         # CONNECT authority per client connection: the tunnel's inner requests must match it.
         self._tunnels: dict[str, tuple[str, int]] = {}
+        listen = broker.config.listen
+        self.egress = Egress(broker.config.egress, [(listen.address, listen.port)])
+        self.transparent = listen.mode == "transparent"
+        # Upstream (host, port) pairs an allowed request asked for, per client connection:
+        # server_connect opens nothing else.
+        self._allowed: dict[str, set[tuple[str, int]]] = {}
+        # Decision ids of requests not yet audited: what a SIGTERM drain waits for.
+        self.inflight: set[str] = set()
 
     def _refuse(self, flow: http.HTTPFlow, ex: Exchange, error: KeylessError) -> None:
         ex.error = error
@@ -54,25 +65,48 @@ class KeylessAddon:
 
     def client_disconnected(self, client: Any) -> None:
         self._tunnels.pop(client.id, None)
+        self._allowed.pop(client.id, None)
+
+    def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+        # Runs before any byte reaches the upstream; setting server.error aborts the connection.
+        try:
+            self.egress.check_connect(data.server.address, self._allowed.get(data.client.id, set()))
+        except KeylessError as e:
+            log.warning("refused upstream connection from %s: %s", data.client.peername, e.message)
+            data.server.error = f"keyless: {e.message}"
+        except Exception as e:  # noqa: BLE001
+            data.server.error = f"keyless: {_internal('server_connect', e).message}"
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         addr = flow.client_conn.peername
         ex = Exchange(Source(str(addr[0]), int(addr[1])))
         flow.metadata[_STATE] = ex
+        self.inflight.add(ex.decision_id)
         req = flow.request
         try:
             self.broker.describe_request(ex, req.method, req.scheme, req.host, req.port, req.path)
+            host = req.host
+            if self.transparent:
+                # req.host is the original destination address; the policy sees the name.
+                ex.request["destination"] = {"address": req.host, "port": req.port}
+                host = await self.egress.transparent_host(
+                    dst=(req.host, req.port), tls=flow.client_conn.tls_established, sni=flow.client_conn.sni,
+                    host_header=req.host_header)
+                ex.request["host"] = host
             ex.identity = await self.broker.attest(Caller(ex.source.address, ex.source.port))
             check_authority(
-                scheme=req.scheme, host=req.host, port=req.port, host_header=req.host_header,
+                scheme=req.scheme, host=host, port=req.port, host_header=req.host_header,
                 connect=self._tunnels.get(flow.client_conn.id), tls=flow.client_conn.tls_established,
                 sni=flow.client_conn.sni,
             )
+            check_path(req.path)
             doc = self.broker.policy_input(
-                ex, method=req.method, scheme=req.scheme, host=req.host, port=req.port, path=req.path,
+                ex, method=req.method, scheme=req.scheme, host=host, port=req.port, path=req.path,
                 query=list(req.query.items(multi=True)) if "?" in req.path else [],
                 headers=list(req.headers.items(multi=True)),
             )
+            if self.transparent:
+                doc["destination"] = ex.request["destination"]
             await self.broker.decide(ex, doc)
         except KeylessError as e:
             self._refuse(flow, ex, e)
@@ -90,7 +124,19 @@ class KeylessAddon:
         if ex.refused or flow.response is not None:
             return
         try:
-            await self.broker.inject(ex, flow.request)
+            req, client = flow.request, flow.client_conn
+            name = str(ex.request.get("host", req.host))
+            upgrade = self.egress.origination(name, req.port, req.scheme)
+            if upgrade is not None:
+                # Scheme and port first: the host setter rewrites the Host header from all three.
+                req.scheme, req.port, req.host = "https", upgrade.upstream_port, upgrade.host
+                ex.request["upstream"] = f"https://{upgrade.host}:{upgrade.upstream_port}"
+            assert ex.decision is not None
+            self.egress.check_injection(
+                credential=ex.decision.credential, scheme=req.scheme, host=name, port=req.port,
+                transparent_tls_without_sni=self.transparent and client.tls_established and not client.sni)
+            await self.broker.inject(ex, req)
+            self._allowed.setdefault(client.id, set()).add(Egress.allow_key(req.host, req.port))
         except KeylessError as e:
             self._refuse(flow, ex, e)
         except Exception as e:  # noqa: BLE001
@@ -112,12 +158,16 @@ class KeylessAddon:
         if ex is None:
             return
         if ex.error is None and flow.error is not None:
-            ex.error = KeylessError("bad_request", "upstream or client error: " + flow.error.msg)
+            # Not a refusal: the request was allowed but the client or the upstream went away.
+            ex.failure = flow.error.msg
         self._audit(ex, flow.response.status_code if flow.response else None)
 
     def tcp_start(self, flow: tcp.TCPFlow) -> None:
         # Keyless brokers HTTP only; a raw tunnel would carry traffic no policy has seen.
         flow.kill()
+        # kill() alone does not stop mitmproxy's TCP layer: it still opens the server connection
+        # and relays the bytes. A connection marked with an error is never opened.
+        flow.server_conn.error = "non-HTTP traffic is not relayed"
         addr = flow.client_conn.peername
         ex = Exchange(Source(str(addr[0]), int(addr[1])))
         server = flow.server_conn.address
@@ -127,6 +177,7 @@ class KeylessAddon:
         self._audit(ex, None)
 
     def _audit(self, ex: Exchange, status: int | None) -> None:
+        self.inflight.discard(ex.decision_id)
         try:
             self.broker.audit(ex, status)
         except Exception as e:  # noqa: BLE001 - an audit failure must be loud, not fatal to the loop

@@ -38,6 +38,7 @@ class Exchange:
     grant: Grant | None = None
     stripped: list[str] = field(default_factory=list)
     error: KeylessError | None = None
+    failure: str | None = None
     audited: bool = False
 
     @property
@@ -140,11 +141,18 @@ class Broker:
             },
             "credential": None if ex.grant is None else ex.grant.as_audit(),
             "stripped": ex.stripped,
-            "outcome": {"status": status, "error": ex.error.code if ex.error else None,
-                        "message": ex.error.message if ex.error else None},
+            "outcome": _outcome(ex, status),
             "latency_ms": round((time.perf_counter() - ex.started) * 1000, 3),
         }
         self.sink.emit(record)
+
+
+def _outcome(ex: Exchange, status: int | None) -> dict[str, Any]:
+    if ex.error is not None:
+        return {"status": status, "error": ex.error.code, "message": ex.error.message}
+    if ex.failure is not None:
+        return {"status": status, "error": "connection_failed", "message": ex.failure}
+    return {"status": status, "error": None, "message": None}
 
 
 def _now_iso() -> str:

@@ -16,6 +16,19 @@ def ca_cert_path(ca_dir: Path) -> Path:
     return ca_dir / f"{BASENAME}-ca-cert.pem"
 
 
+def publish_ca(cert: Path, dest: Path) -> None:
+    """Copy the public CA certificate to ``dest`` (world-readable), atomically.
+
+    A sidecar's app container mounts ``dest``'s directory; the key stays in ``ca_dir``, which
+    only Keyless mounts.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    tmp.write_bytes(cert.read_bytes())
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, dest)
+
+
 def ensure_ca(ca_dir: Path) -> Path:
     """Create the CA in ``ca_dir`` unless it exists; return the public certificate's path.
 

@@ -1,4 +1,4 @@
-"""``keyless``: run | check | ca | env | demo | demo-api | policy test | policy eval."""
+"""``keyless``: run | check | ca | env | iptables | demo | demo-api | policy test | policy eval."""
 
 from __future__ import annotations
 
@@ -31,10 +31,10 @@ def _problems(e: ConfigError, path: str) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from proxy.server import prepare
+    from proxy.server import load_and_prepare
 
     try:
-        prep = prepare(_load(args.config))
+        prep = load_and_prepare(Path(args.config))
     except ConfigError as e:
         return _problems(e, args.config)
     print(f"{args.config}: ok (policy revision {prep.engine.revision}, "
@@ -43,17 +43,19 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from proxy.server import prepare, serve
+    from proxy.server import load_and_prepare, serve
 
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("mitmproxy").setLevel(max(logging.WARNING, logging.getLogger().level))
-    # At DEBUG these log header values (hpack: every HTTP/2 header, including the credentials
-    # Keyless strips or injects) and bodies (botocore: secrets): never below INFO.
-    for noisy in ("hpack", "botocore", "boto3", "urllib3"):
+    # hpack logs every HTTP/2 header it encodes or decodes at debug level: that would print the
+    # app's Authorization and the injected credential into the log.
+    logging.getLogger("hpack").setLevel(logging.WARNING)
+    # botocore logs request and response bodies (secret values) at debug level.
+    for noisy in ("botocore", "boto3", "urllib3"):
         logging.getLogger(noisy).setLevel(max(logging.INFO, logging.getLogger().level))
     try:
-        prep = prepare(_load(args.config))
+        prep = load_and_prepare(Path(args.config))
         return asyncio.run(serve(prep))
     except ConfigError as e:
         return _problems(e, args.config)
@@ -136,6 +138,33 @@ def cmd_policy_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_iptables(args: argparse.Namespace) -> int:
+    from proxy import iptables
+
+    try:
+        ports = iptables.parse_ports(args.ports)
+    except ValueError as e:
+        print(f"--ports: {e}", file=sys.stderr)
+        return 2
+    opts = iptables.RuleOptions(
+        proxy_port=args.proxy_port, uid=None if args.uid < 0 else args.uid, gid=args.gid, ports=ports,
+        gateway=args.gateway, sources=tuple(args.source), reject_quic=not args.allow_quic)
+    ipv6 = {"on": True, "off": False, "auto": iptables.ipv6_enabled()}[args.ipv6]
+    if args.ipv6 == "off" and iptables.ipv6_enabled():
+        print("IPv6 is enabled in this network namespace: --ipv6 off would leave it unproxied", file=sys.stderr)
+        return 1
+    if not args.apply:
+        print(iptables.script(opts, ipv6), end="")
+        return 0
+    try:
+        done = iptables.apply(opts, ipv6)
+    except iptables.ApplyError as e:
+        print(f"keyless iptables: {e}", file=sys.stderr)
+        return 1
+    print(f"keyless iptables: {len(done)} rule(s) installed (IPv6 {'covered' if ipv6 else 'disabled'})")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from proxy.demo import run_demo
 
@@ -177,6 +206,18 @@ def parser() -> argparse.ArgumentParser:
     with_config(sub.add_parser("ca", help="print the CA certificate's path")).set_defaults(func=cmd_ca)
     with_config(sub.add_parser("env", help="print shell lines to use Keyless")).set_defaults(func=cmd_env)
     sub.add_parser("demo", help="run a self-contained demonstration").set_defaults(func=cmd_demo)
+    ipt = sub.add_parser("iptables", help="print (or --apply) the netfilter rules for a sidecar or gateway")
+    ipt.add_argument("--apply", action="store_true", help="install the rules instead of printing them")
+    ipt.add_argument("--gateway", action="store_true", help="rules for a gateway that receives other hosts' traffic")
+    ipt.add_argument("--proxy-port", type=int, default=15001, help="Keyless's transparent listener (15001)")
+    ipt.add_argument("--uid", type=int, default=10001, help="Keyless's uid, never redirected (-1: none)")
+    ipt.add_argument("--gid", type=int, default=None, help="also exclude this gid")
+    ipt.add_argument("--ports", default="80,443", help="TCP ports to redirect, or 'all' (80,443)")
+    ipt.add_argument("--source", action="append", default=[], help="gateway: client CIDR to redirect (repeatable)")
+    ipt.add_argument("--ipv6", choices=["auto", "on", "off"], default="auto",
+                     help="cover IPv6 (auto: when enabled in this network namespace)")
+    ipt.add_argument("--allow-quic", action="store_true", help="do not reject UDP 443")
+    ipt.set_defaults(func=cmd_iptables)
     d = sub.add_parser("demo-api", help="run the quickstart's API that requires a credential")
     d.add_argument("--address", default="127.0.0.1")
     d.add_argument("--port", type=int, default=9000)

@@ -1,6 +1,6 @@
 """``keyless.yaml`` -> frozen, validated objects; every problem is reported at once.
 
-Sections: listen, admin, tls, trust, policy, strip, credentials, signing, audit. Plug-in
+Sections: listen, admin, tls, trust, policy, strip, credentials, signing, audit, egress. Plug-in
 sections (trust providers, credentials) are validated by their own module's ``parse``.
 """
 
@@ -15,6 +15,8 @@ from typing import Any
 import yaml
 
 from proxy.confread import Section
+from proxy.egress import EgressConfig
+from proxy.egress import parse as parse_egress
 from proxy.errors import ConfigError
 
 DEFAULT_STRIP_HEADERS = (
@@ -37,6 +39,8 @@ class ListenConfig:
     address: str = "127.0.0.1"
     port: int = 8080
     mode: str = "regular"
+    # On SIGTERM: stop accepting, let in-flight requests finish for up to this long, then exit.
+    drain_seconds: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +54,8 @@ class AdminConfig:
 class TlsConfig:
     ca_dir: Path
     upstream_ca: Path | None = None
+    # A copy of the CA certificate (never the key) for apps to trust, e.g. on a shared volume.
+    publish_ca: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +105,7 @@ class Config:
     credentials: Mapping[str, PluginConfig]
     signing: SigningConfig
     audit: AuditConfig
+    egress: EgressConfig = EgressConfig()
 
 
 def load_config(path: Path) -> Config:
@@ -130,7 +137,8 @@ def parse_config(raw: Any, source: Path) -> Config:
     listen = ListenConfig(
         address=s.text("address", "127.0.0.1"),
         port=s.integer("port", 8080, lo=0, hi=65535),
-        mode=s.choice("mode", ("regular",), "regular"),
+        mode=s.choice("mode", ("regular", "transparent"), "regular"),
+        drain_seconds=s.number("drain_seconds", 10.0),
     )
     s.done()
 
@@ -149,6 +157,7 @@ def parse_config(raw: Any, source: Path) -> Config:
     tls = TlsConfig(
         ca_dir=s.path_value("ca_dir", Path("~/.keyless/ca").expanduser()),
         upstream_ca=s.path_value("upstream_ca", None),
+        publish_ca=s.path_value("publish_ca", None),
     )
     if tls.upstream_ca is not None and not tls.upstream_ca.is_file():
         s.error(f"file not found: {tls.upstream_ca}", "upstream_ca")
@@ -181,8 +190,6 @@ def parse_config(raw: Any, source: Path) -> Config:
     if policy.decision and not policy.decision.startswith("data."):
         s.error("must be a rule path starting with 'data.', e.g. data.keyless.egress.decision",
                 "decision")
-    if not policy.dir.is_dir():
-        s.error(f"directory not found: {policy.dir}", "dir")
     s.done()
 
     s = top.section("strip")
@@ -216,10 +223,12 @@ def parse_config(raw: Any, source: Path) -> Config:
     audit = AuditConfig(path=s.text("path", "-"))
     s.done()
 
+    s = top.section("egress")
+    egress = parse_egress(s)
+    s.done()
+
     top.done()
-    if problems:
-        raise ConfigError(problems)
-    return Config(
+    config = Config(
         source=source,
         listen=listen,
         admin=admin,
@@ -230,7 +239,11 @@ def parse_config(raw: Any, source: Path) -> Config:
         credentials=MappingProxyType(credentials),
         signing=signing,
         audit=audit,
+        egress=egress,
     )
+    if problems:
+        raise ConfigError(problems, partial=config)
+    return config
 
 
 def _lower(values: tuple[str, ...]) -> tuple[str, ...]:

@@ -43,8 +43,14 @@ class KeylessError(Exception):
 
 
 class ConfigError(Exception):
-    """Every problem found in a config file, each as ``key.path: what is wrong``."""
+    """Every problem found in a config file, each as ``key.path: what is wrong``.
 
-    def __init__(self, problems: list[str]) -> None:
+    ``partial`` is the config as far as it could be read (invalid keys fall back to their
+    defaults), so that ``keyless check`` can go on to check policies and secrets and report
+    those problems in the same run.
+    """
+
+    def __init__(self, problems: list[str], partial: object | None = None) -> None:
         self.problems = problems
+        self.partial = partial
         super().__init__("\n".join(problems))

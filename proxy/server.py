@@ -59,6 +59,29 @@ def prepare(config: Config) -> Prepared:
     return Prepared(config, signer, engine, trust, credentials)
 
 
+def load_and_prepare(path: Path) -> Prepared:
+    """``keyless check``: read the config, then secrets and policies, and raise ConfigError
+    with every problem from all three stages (duplicates removed)."""
+    from proxy.config import load_config
+
+    problems: list[str] = []
+    config: Config | None
+    try:
+        config = load_config(path)
+    except ConfigError as e:
+        problems.extend(e.problems)
+        config = e.partial if isinstance(e.partial, Config) else None
+    if config is not None:
+        try:
+            prep = prepare(config)
+        except ConfigError as e:
+            problems.extend(e.problems)
+        else:
+            if not problems:
+                return prep
+    raise ConfigError(list(dict.fromkeys(problems)))
+
+
 def probe_policy(engine: EmbeddedEngine) -> None:
     """Evaluate the decision once: rego-cpp reports some errors (unknown functions) only then."""
     from proxy.errors import KeylessError
@@ -86,6 +109,10 @@ async def serve(prep: Prepared) -> int:
 
     config = prep.config
     ca_cert = ensure_ca(config.tls.ca_dir)
+    if config.tls.publish_ca is not None:
+        from proxy.ca import publish_ca
+
+        publish_ca(ca_cert, config.tls.publish_ca)
     sink: AuditSink = JsonLinesSink(config.audit.path)
     broker = Broker(config, prep.engine, prep.signer, sink, prep.trust, prep.credentials)
 
@@ -100,11 +127,12 @@ async def serve(prep: Prepared) -> int:
     # could answer or rewrite a request behind Keyless's back.
     master.addons.add(
         core.Core(), proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig(),
-        errorcheck.ErrorCheck(repeat_errors_on_stderr=True), KeylessAddon(broker), Ready(),
+        errorcheck.ErrorCheck(repeat_errors_on_stderr=True), keyless_addon := KeylessAddon(broker), Ready(),
     )
     # Options belong to the addons that define them, so they are set once all are loaded.
     master.options.update(
-        mode=["regular"],
+        # "transparent": the original destination comes from the redirected socket (SO_ORIGINAL_DST).
+        mode=[config.listen.mode],
         listen_host=config.listen.address,
         listen_port=config.listen.port,
         confdir=str(config.tls.ca_dir),
@@ -128,9 +156,12 @@ async def serve(prep: Prepared) -> int:
             where = f"{config.admin.address}:{config.admin.port}"
             raise ConfigError([f"admin: cannot listen on {where} ({e.strerror})"]) from None
 
+    from proxy.drain import Drainer
+
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, master.shutdown)
+    drainer = Drainer(master, keyless_addon.inflight, config.listen.drain_seconds, on_start=ready.clear)
+    loop.add_signal_handler(signal.SIGINT, master.shutdown)
+    loop.add_signal_handler(signal.SIGTERM, drainer.start)
     log.info("keyless listening on %s:%d (policy revision %s, CA %s)", config.listen.address,
              config.listen.port, prep.engine.revision, ca_cert)
     try:

@@ -1,0 +1,84 @@
+"""Deployment artifacts: Kubernetes manifests checked against the Kubernetes JSON schemas.
+
+No cluster runs here, so this is kubeconform's check done with the schemas shipped by the
+``kubernetes-validate`` package (strict: unknown fields are errors), plus the invariants the
+manifests must keep with the code: the uid the iptables rules exempt is the uid Keyless runs
+as, and the embedded keyless.yaml and policy are valid for this version of Keyless.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes_validate import utils as kv
+
+from proxy.config import parse_config
+from proxy.policy.embedded import EmbeddedEngine
+from tests.harness import REPO
+
+K8S_VERSION = "1.31.0"  # native sidecars (initContainers[].restartPolicy) are GA from 1.29
+MANIFESTS = sorted((REPO / "deploy" / "kubernetes").glob("*.yaml"))
+
+
+def docs(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_manifest_matches_kubernetes_schema(path: Path) -> None:
+    for doc in docs(path):
+        try:
+            kv.validate(doc, K8S_VERSION, strict=True)
+        except kv.ValidationError as e:
+            pytest.fail(f"{path.name}: {doc['kind']}/{doc['metadata']['name']}: {e.message} at {list(e.path)}")
+
+
+def test_schema_check_catches_mistakes() -> None:
+    bad = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "x"},
+           "spec": {"selector": {}, "template": {"spec": {"containers": [{"name": "a", "imag": "b"}]}}}}
+    with pytest.raises(kv.ValidationError):
+        kv.validate(bad, K8S_VERSION, strict=True)
+
+
+def _by_kind(kind: str, path: Path) -> list[dict[str, Any]]:
+    return [d for d in docs(path) if d["kind"] == kind]
+
+
+def test_sidecar_uid_matches_iptables_exclusion_and_dockerfile() -> None:
+    path = REPO / "deploy" / "kubernetes" / "sidecar.yaml"
+    pod = _by_kind("Deployment", path)[0]["spec"]["template"]["spec"]
+    init = {c["name"]: c for c in pod["initContainers"]}
+    rules, keyless = init["keyless-iptables"], init["keyless"]
+    assert rules["command"][:3] == ["keyless", "iptables", "--apply"]
+    assert "NET_ADMIN" in rules["securityContext"]["capabilities"]["add"]
+    uid = keyless["securityContext"]["runAsUser"]
+    assert f"--uid={uid}" in rules["command"]
+    assert keyless["restartPolicy"] == "Always"  # a native sidecar
+    assert re.search(rf"^USER {uid}$", (REPO / "Dockerfile").read_text(), re.M)
+    app = pod["containers"][0]
+    assert not any(e["name"].lower().endswith("_proxy") for e in app.get("env", []))
+    assert pod["volumes"][[v["name"] for v in pod["volumes"]].index("keyless-token")]["projected"]
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_embedded_config_and_policy_are_valid(path: Path, tmp_path: Path) -> None:
+    for cm in _by_kind("ConfigMap", path):
+        cfg = yaml.safe_load(cm["data"]["keyless.yaml"])
+        config = parse_config(cfg, tmp_path / "keyless.yaml")
+        (tmp_path / "policies").mkdir(exist_ok=True)
+        (tmp_path / "policies" / "egress.rego").write_text(cm["data"]["egress.rego"])
+        engine = EmbeddedEngine.from_dir(tmp_path / "policies", config.policy.decision)
+        assert engine.revision
+
+
+def test_compose_sidecar_shares_the_apps_network_namespace() -> None:
+    compose = yaml.safe_load((REPO / "compose.yaml").read_text())["services"]
+    rules = compose["sidecar-iptables"]
+    owner = rules["network_mode"].removeprefix("service:")
+    assert compose["sidecar-app"]["network_mode"] == f"service:{owner}"
+    assert "NET_ADMIN" in rules["cap_add"]
+    assert not any("proxy" in k.lower() for k in compose["sidecar-app"].get("environment", {}))
