@@ -4,9 +4,18 @@
 #   {"allow": bool, "reason": string, "credential": name-or-null, "params": {...}}
 # Anything else is a policy error and the request is refused (503 policy_unavailable).
 #
-# This policy is a table of grants: who (workload id) may call what (host, methods, path
-# prefix) and with which credential (a name from the `credentials` section of keyless.yaml).
-# The first matching grant wins; no match is a deny that says why.
+# This policy is a table of grants: who may call what (host, methods, path prefix) and with
+# which credential (a name from the `credentials` section of keyless.yaml). The first matching
+# grant wins; no match is a deny that says why.
+#
+# "Who" is one of (see docs/attestation.md for the trust providers behind each):
+#   "workload":   input.identity.id, the strongest verified id (a SPIFFE ID from an mTLS SVID,
+#                 a token's id, a process or source-address mapping);
+#   "github":     facts of a GitHub Actions OIDC token (jwt provider, preset github);
+#   "gitlab":     facts of a GitLab CI OIDC token (preset gitlab);
+#   "kubernetes": facts of a projected service-account token (preset kubernetes);
+#   "process":    facts of the local process that owns the connection (process provider).
+# Every listed fact must match exactly.
 package keyless.egress
 
 import rego.v1
@@ -24,6 +33,48 @@ grants := [
 		"reason": "billing may file reports, authenticated by a Keyless-minted JWT",
 		"workload": "spiffe://demo.local/billing",
 		"hosts": {"localhost", "127.0.0.1", "demo-api"},
+		"methods": {"POST"},
+		"path_prefix": "/v1/reports",
+		"credential": "workload-jwt",
+	},
+	# "Only spiffe://prod/ns/payments/sa/billing, or GitHub Actions runs of acme/deploy on
+	# refs/heads/main, may call the payments API."
+	{
+		"reason": "the billing service (SPIFFE SVID) may call the payments API",
+		"workload": "spiffe://prod/ns/payments/sa/billing",
+		"hosts": {"payments.example.com"},
+		"methods": {"GET", "POST"},
+		"path_prefix": "/v1/",
+		"credential": "workload-jwt",
+	},
+	{
+		"reason": "GitHub Actions runs of acme/deploy on main may call the payments API",
+		"github": {"repository": "acme/deploy", "ref": "refs/heads/main"},
+		"hosts": {"payments.example.com"},
+		"methods": {"GET", "POST"},
+		"path_prefix": "/v1/",
+		"credential": "workload-jwt",
+	},
+	{
+		"reason": "pipelines of acme/infra on main may read the registry",
+		"gitlab": {"project_path": "acme/infra", "ref": "main", "ref_protected": "true"},
+		"hosts": {"registry.example.com"},
+		"methods": {"GET", "HEAD"},
+		"path_prefix": "/v2/",
+		"credential": "workload-jwt",
+	},
+	{
+		"reason": "the ci/builder service account may read the demo API",
+		"kubernetes": {"namespace": "ci", "service_account": "builder"},
+		"hosts": {"localhost", "127.0.0.1"},
+		"methods": {"GET"},
+		"path_prefix": "/v1/",
+		"credential": "demo-api",
+	},
+	{
+		"reason": "the backup agent running as user backup may upload reports",
+		"process": {"user": "backup", "exe": "/usr/local/bin/backup-agent"},
+		"hosts": {"localhost", "127.0.0.1"},
 		"methods": {"POST"},
 		"path_prefix": "/v1/reports",
 		"credential": "workload-jwt",
@@ -74,7 +125,7 @@ granted := [g | some g in grants; matches(g)]
 default decision := {"allow": false, "reason": "no grant allows this call"}
 
 decision := {"allow": false, "reason": "caller has no attested workload identity"} if {
-	input.identity.id == null
+	anonymous
 } else := {
 	"allow": true,
 	"reason": granted[0].reason,
@@ -89,9 +140,33 @@ decision := {"allow": false, "reason": "caller has no attested workload identity
 	input.request.path,
 ])}
 
+anonymous if {
+	input.identity.id == null
+	count(input.identity.attestations) == 0
+}
+
 matches(g) if {
-	g.workload == input.identity.id
+	caller(g)
 	input.request.host in g.hosts
 	input.request.method in g.methods
 	startswith(input.request.path, g.path_prefix)
+}
+
+caller(g) if g.workload == input.identity.id
+
+caller(g) if attested(g.github, "jwt", "github")
+
+caller(g) if attested(g.gitlab, "jwt", "gitlab")
+
+caller(g) if attested(g.kubernetes, "jwt", "kubernetes")
+
+caller(g) if attested(g.process, "process", null)
+
+# Some attestation of this type (and jwt preset) carries every fact in `want`.
+attested(want, kind, preset) if {
+	some a in input.identity.attestations
+	a.type == kind
+	object.get(a.facts, "preset", null) == preset
+	matched := {k | v := want[k]; a.facts[k] == v}
+	count(matched) == count(want)
 }

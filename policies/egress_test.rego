@@ -55,6 +55,78 @@ test_anonymous_denied if {
 	d.reason == "caller has no attested workload identity"
 }
 
+# One test per trust provider: the grants key on what each provider attests.
+
+test_spiffe_svid_may_call_payments if {
+	d := egress.decision with input.identity as {"id": "spiffe://prod/ns/payments/sa/billing", "attestations": [{"provider": "svid", "type": "mtls", "id": "spiffe://prod/ns/payments/sa/billing", "facts": {"spiffe_id": "spiffe://prod/ns/payments/sa/billing", "trust_domain": "prod"}}]}
+		with input.request as {"method": "POST", "scheme": "https", "host": "payments.example.com", "port": 443, "path": "/v1/charges", "query": {}, "headers": {}}
+	d.allow == true
+	d.credential == "workload-jwt"
+}
+
+test_other_svid_may_not_call_payments if {
+	d := egress.decision with input.identity as {"id": "spiffe://prod/ns/payments/sa/intruder", "attestations": [{"provider": "svid", "type": "mtls", "id": "spiffe://prod/ns/payments/sa/intruder", "facts": {"spiffe_id": "spiffe://prod/ns/payments/sa/intruder", "trust_domain": "prod"}}]}
+		with input.request as {"method": "POST", "scheme": "https", "host": "payments.example.com", "port": 443, "path": "/v1/charges", "query": {}, "headers": {}}
+	d.allow == false
+}
+
+test_github_main_of_acme_deploy_may_call_payments if {
+	d := egress.decision with input.identity as {"id": "https://token.actions.githubusercontent.com#repo:acme/deploy:ref:refs/heads/main", "attestations": [{"provider": "ci", "type": "jwt", "id": "https://token.actions.githubusercontent.com#repo:acme/deploy:ref:refs/heads/main", "facts": {"preset": "github", "issuer": "https://token.actions.githubusercontent.com", "repository": "acme/deploy", "repository_id": "42", "ref": "refs/heads/main"}}]}
+		with input.request as {"method": "POST", "scheme": "https", "host": "payments.example.com", "port": 443, "path": "/v1/charges", "query": {}, "headers": {}}
+	d.allow == true
+	d.reason == "GitHub Actions runs of acme/deploy on main may call the payments API"
+}
+
+test_github_other_branch_denied if {
+	d := egress.decision with input.identity as {"id": "https://token.actions.githubusercontent.com#repo:acme/deploy:ref:refs/heads/dev", "attestations": [{"provider": "ci", "type": "jwt", "id": "https://token.actions.githubusercontent.com#repo:acme/deploy:ref:refs/heads/dev", "facts": {"preset": "github", "repository": "acme/deploy", "ref": "refs/heads/dev"}}]}
+		with input.request as {"method": "POST", "scheme": "https", "host": "payments.example.com", "port": 443, "path": "/v1/charges", "query": {}, "headers": {}}
+	d.allow == false
+}
+
+test_github_other_repository_denied if {
+	d := egress.decision with input.identity as {"id": "https://token.actions.githubusercontent.com#repo:evil/deploy:ref:refs/heads/main", "attestations": [{"provider": "ci", "type": "jwt", "id": "https://token.actions.githubusercontent.com#repo:evil/deploy:ref:refs/heads/main", "facts": {"preset": "github", "repository": "evil/deploy", "ref": "refs/heads/main"}}]}
+		with input.request as {"method": "POST", "scheme": "https", "host": "payments.example.com", "port": 443, "path": "/v1/charges", "query": {}, "headers": {}}
+	d.allow == false
+}
+
+test_generic_issuer_with_github_like_claims_denied if {
+	d := egress.decision with input.identity as {"id": "https://idp.example#x", "attestations": [{"provider": "idp", "type": "jwt", "id": "https://idp.example#x", "facts": {"preset": "generic", "repository": "acme/deploy", "ref": "refs/heads/main"}}]}
+		with input.request as {"method": "POST", "scheme": "https", "host": "payments.example.com", "port": 443, "path": "/v1/charges", "query": {}, "headers": {}}
+	d.allow == false
+}
+
+test_gitlab_protected_main_reads_registry if {
+	d := egress.decision with input.identity as {"id": "https://gitlab.com#project_path:acme/infra:ref_type:branch:ref:main", "attestations": [{"provider": "ci", "type": "jwt", "id": "https://gitlab.com#project_path:acme/infra:ref_type:branch:ref:main", "facts": {"preset": "gitlab", "project_path": "acme/infra", "project_id": "7", "ref": "main", "ref_protected": "true"}}]}
+		with input.request as {"method": "GET", "scheme": "https", "host": "registry.example.com", "port": 443, "path": "/v2/acme/infra/manifests/latest", "query": {}, "headers": {}}
+	d.allow == true
+}
+
+test_gitlab_unprotected_ref_denied if {
+	d := egress.decision with input.identity as {"id": "https://gitlab.com#project_path:acme/infra:ref_type:branch:ref:main", "attestations": [{"provider": "ci", "type": "jwt", "id": "https://gitlab.com#project_path:acme/infra:ref_type:branch:ref:main", "facts": {"preset": "gitlab", "project_path": "acme/infra", "project_id": "7", "ref": "main", "ref_protected": "false"}}]}
+		with input.request as {"method": "GET", "scheme": "https", "host": "registry.example.com", "port": 443, "path": "/v2/acme/infra/manifests/latest", "query": {}, "headers": {}}
+	d.allow == false
+}
+
+test_kubernetes_builder_reads_demo_api if {
+	d := egress.decision with input.identity as {"id": "https://kubernetes.default.svc#system:serviceaccount:ci:builder", "attestations": [{"provider": "k8s", "type": "jwt", "id": "https://kubernetes.default.svc#system:serviceaccount:ci:builder", "facts": {"preset": "kubernetes", "namespace": "ci", "service_account": "builder", "pod": "builder-7d9"}}]}
+		with input.request as {"method": "GET", "scheme": "https", "host": "localhost", "port": 443, "path": "/v1/invoices", "query": {}, "headers": {}}
+	d.allow == true
+	d.credential == "demo-api"
+}
+
+test_backup_agent_process_uploads if {
+	d := egress.decision with input.identity as {"id": null, "attestations": [{"provider": "local", "type": "process", "id": null, "facts": {"uid": 998, "user": "backup", "exe": "/usr/local/bin/backup-agent", "sha256": "ab", "pid": 4242}}]}
+		with input.request as {"method": "POST", "scheme": "https", "host": "localhost", "port": 443, "path": "/v1/reports", "query": {}, "headers": {}}
+	d.allow == true
+}
+
+test_other_program_of_backup_user_denied if {
+	d := egress.decision with input.identity as {"id": null, "attestations": [{"provider": "local", "type": "process", "id": null, "facts": {"uid": 998, "user": "backup", "exe": "/usr/bin/curl", "pid": 4243}}]}
+		with input.request as {"method": "POST", "scheme": "https", "host": "localhost", "port": 443, "path": "/v1/reports", "query": {}, "headers": {}}
+	d.allow == false
+	d.reason != "caller has no attested workload identity"
+}
+
 test_github_grant_scopes_the_installation_token if {
 	d := egress.decision with input.identity as {"id": "spiffe://demo.local/billing", "attestations": []}
 		with input.request as {"method": "GET", "scheme": "https", "host": "api.github.com", "port": 443, "path": "/repos/acme/billing/issues", "query": {}, "headers": {}}

@@ -17,9 +17,10 @@ from mitmproxy.proxy import server_hooks
 from proxy.broker import Broker, Exchange, check_authority
 from proxy.egress import Egress
 from proxy.errors import KeylessError
-from proxy.model import Source
+from proxy.model import Attestation, Source
 from proxy.paths import check_path
 from proxy.trust import Caller
+from proxy.trust.evidence import caller_evidence
 
 log = logging.getLogger("keyless")
 
@@ -47,6 +48,8 @@ class KeylessAddon:
         self.broker = broker
         # CONNECT authority per client connection: the tunnel's inner requests must match it.
         self._tunnels: dict[str, tuple[str, int]] = {}
+        # What the CONNECT's Proxy-Authorization proved, kept for the requests inside the tunnel.
+        self._carried: dict[str, tuple[Attestation, ...]] = {}
         listen = broker.config.listen
         self.egress = Egress(broker.config.egress, [(listen.address, listen.port)])
         self.transparent = listen.mode == "transparent"
@@ -60,11 +63,41 @@ class KeylessAddon:
         ex.error = error
         flow.response = refusal(error, ex.decision_id)
 
-    def http_connect(self, flow: http.HTTPFlow) -> None:
+    def _caller(self, flow: http.HTTPFlow) -> Caller:
+        conn = flow.client_conn
+        return caller_evidence(
+            # In transparent mode mitmproxy reports the original destination as sockname, which
+            # is what the client's own socket names as its remote end: the match stays exact.
+            peer=conn.peername, local=conn.sockname, connection_id=conn.id,
+            proxy_authorization=flow.request.headers.get_all("proxy-authorization"),
+            certificates=[c.to_cryptography() for c in conn.certificate_list],
+            carried=self._carried.get(conn.id, ()),
+        )
+
+    async def http_connect(self, flow: http.HTTPFlow) -> None:
         self._tunnels[flow.client_conn.id] = (flow.request.host, flow.request.port)
+        if "proxy-authorization" not in flow.request.headers:
+            return
+        # Attest once, on the CONNECT: inside the tunnel the client sends no Proxy-Authorization.
+        addr = flow.client_conn.peername
+        ex = Exchange(Source(str(addr[0]), int(addr[1])))
+        try:
+            identity = await self.broker.attest(self._caller(flow))
+            self._carried[flow.client_conn.id] = identity.attestations
+            return
+        except KeylessError as e:
+            error = e
+        except Exception as e:  # noqa: BLE001 - fail closed on anything
+            error = _internal("http_connect", e)
+        # A refused CONNECT never reaches the response hook: audit it here.
+        req = flow.request
+        self.broker.describe_request(ex, req.method, req.scheme, req.host, req.port, "")
+        self._refuse(flow, ex, error)
+        self._audit(ex, error.status)
 
     def client_disconnected(self, client: Any) -> None:
         self._tunnels.pop(client.id, None)
+        self._carried.pop(client.id, None)
         self._allowed.pop(client.id, None)
 
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
@@ -93,7 +126,7 @@ class KeylessAddon:
                     dst=(req.host, req.port), tls=flow.client_conn.tls_established, sni=flow.client_conn.sni,
                     host_header=req.host_header)
                 ex.request["host"] = host
-            ex.identity = await self.broker.attest(Caller(ex.source.address, ex.source.port))
+            ex.identity = await self.broker.attest(self._caller(flow))
             check_authority(
                 scheme=req.scheme, host=host, port=req.port, host_header=req.host_header,
                 connect=self._tunnels.get(flow.client_conn.id), tls=flow.client_conn.tls_established,

@@ -76,16 +76,19 @@ class Broker:
         return trust, credentials
 
     async def attest(self, caller: Caller) -> Identity:
-        """Run every trust provider; the first verified id wins (providers are listed strongest first)."""
+        """Run every trust provider and combine their evidence (see ``proxy.trust.combine``)."""
+        from proxy.trust.combine import combine, merge_carried
+
         found: list[Attestation] = []
         for provider in self.trust:
             att = await provider.attest(caller)
             if att is not None:
                 found.append(att)
-        if not found:
-            return ANONYMOUS
-        ident = next((a.id for a in found if a.id is not None), None)
-        return Identity(ident, tuple(found))
+        if (caller.proxy_authorization is not None and not any(a.type == "jwt" for a in found)
+                and any(p.type == "jwt" for p in self.trust)):
+            # A token was presented and no provider verified it: never downgrade to "no identity".
+            raise KeylessError("attestation_failed", "no trust provider accepts the token's issuer")
+        return combine(merge_carried(found, caller.carried))
 
     def describe_request(self, ex: Exchange, method: str, scheme: str, host: str, port: int, path: str) -> None:
         # The path goes to the audit log without its query: query values may carry secrets.

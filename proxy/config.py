@@ -31,6 +31,25 @@ DEFAULT_STRIP_HEADERS = (
     "x-goog-api-key",
     "ocp-apim-subscription-key",
 )
+# Headers an app could use to claim an identity or a client address. Keyless never reads identity
+# from them and always strips them, whatever strip.headers says: the upstream must not trust them
+# either (they would carry the app's claim, not Keyless's attestation).
+IDENTITY_HEADERS = (
+    "proxy-authorization",
+    "forwarded",
+    "x-forwarded-for",
+    "x-real-ip",
+    "x-client-ip",
+    "true-client-ip",
+    "x-forwarded-client-cert",
+    "x-client-cert",
+    "x-ssl-client-cert",
+    "client-cert",
+    "client-cert-chain",
+    "x-spiffe-id",
+    "x-workload-id",
+    "x-keyless-identity",
+)
 DEFAULT_STRIP_QUERY = ("api_key", "apikey", "api-key", "access_token", "token")
 
 
@@ -67,7 +86,7 @@ class PolicyConfig:
 
 @dataclass(frozen=True, slots=True)
 class StripConfig:
-    headers: tuple[str, ...] = DEFAULT_STRIP_HEADERS
+    headers: tuple[str, ...] = DEFAULT_STRIP_HEADERS + IDENTITY_HEADERS[1:]
     query_params: tuple[str, ...] = DEFAULT_STRIP_QUERY
     cookies: bool = True
 
@@ -194,8 +213,8 @@ def parse_config(raw: Any, source: Path) -> Config:
 
     s = top.section("strip")
     strip = StripConfig(
-        headers=_lower(s.str_list("headers", DEFAULT_STRIP_HEADERS))
-        + _lower(s.str_list("extra_headers", ())),
+        headers=_with_identity(_lower(s.str_list("headers", DEFAULT_STRIP_HEADERS))
+                               + _lower(s.str_list("extra_headers", ()))),
         query_params=s.str_list("query_params", DEFAULT_STRIP_QUERY)
         + s.str_list("extra_query_params", ()),
         cookies=s.flag("cookies", True),
@@ -248,3 +267,7 @@ def parse_config(raw: Any, source: Path) -> Config:
 
 def _lower(values: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(v.lower() for v in values)
+
+
+def _with_identity(headers: tuple[str, ...]) -> tuple[str, ...]:
+    return headers + tuple(h for h in IDENTITY_HEADERS if h not in headers)

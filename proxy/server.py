@@ -141,6 +141,9 @@ async def serve(prep: Prepared) -> int:
         upstream_cert=False,
         ssl_insecure=False,
         ssl_verify_upstream_trusted_ca=str(config.tls.upstream_ca) if config.tls.upstream_ca else None,
+        # Ask clients for a certificate only when an mtls provider will verify it (mitmproxy
+        # itself accepts any certificate; some clients hang up when asked for one they lack).
+        request_client_cert=any(p.type == "mtls" for p in config.trust),
     )
 
     runner: web.AppRunner | None = None

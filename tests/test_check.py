@@ -197,8 +197,6 @@ def test_quickstart_config_passes(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: keyless check validates secrets and policies only once the "
-                                       "YAML itself has no problems, so these show up on a second run")
 def test_config_and_secret_problems_in_one_run(workdir: Path) -> None:
     text = good_config().replace("  address: 127.0.0.1\n", "  adress: 127.0.0.1\n")
     (workdir / "keyless.yaml").write_text(text.replace("file: secret", "file: gone"))

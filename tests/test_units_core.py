@@ -300,7 +300,7 @@ def test_parse_config_good_and_frozen(tmp_path: Path) -> None:
 
 
 def test_parse_config_reports_all_problems(tmp_path: Path) -> None:
-    raw = minimal(tmp_path, listen={"prot": 1, "mode": "transparent"},
+    raw = minimal(tmp_path, listen={"prot": 1, "mode": "socks5"},
                   tls={"ca_dir": str(tmp_path), "verify_upstream": False},
                   trust=[{"name": "a", "type": "source_ip", "workloads": [{"cidr": "300.0.0.0/8", "id": "x"}]},
                          {"name": "a", "type": "nope"}],

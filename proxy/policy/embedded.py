@@ -99,6 +99,14 @@ def entrypoint(query: str) -> str:
     return query.removeprefix("data.").replace(".", "/")
 
 
+def rule_declared(source: PolicySource, query: str) -> bool:
+    """Whether some module declares the package of ``query`` and a rule of its name."""
+    package, _, rule = query.removeprefix("data.").rpartition(".")
+    head = re.compile(rf"^(default\s+)?{re.escape(rule)}\b", re.MULTILINE)
+    decl = re.compile(rf"^package\s+{re.escape(package)}\s*$", re.MULTILINE)
+    return any(decl.search(text) and head.search(text) for _, text in source.modules)
+
+
 def compile_modules(source: PolicySource, entrypoints: list[str]) -> tuple[regopy.Interpreter, regopy.Bundle]:
     interp = regopy.Interpreter()
     interp.log_level = regopy.LogLevel.NONE
@@ -147,6 +155,10 @@ class EmbeddedEngine:
         self.query = query
         self.revision = source.revision
         self._entry = entrypoint(query)
+        if not rule_declared(source, query):
+            # rego-cpp builds a plan for a missing rule and answers "undefined" forever, which
+            # would deny every request with no hint why.
+            raise PolicyLoadError([f"no rule {query} in the policy (check policy.decision)"])
         self._interp, self._bundle = compile_modules(source, [self._entry])
         self._source = f"policy({query})"
 

@@ -8,7 +8,7 @@ raises ``KeylessError("attestation_failed", ...)`` when evidence is present but 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
 from proxy.confread import Section
@@ -17,10 +17,25 @@ from proxy.model import Attestation
 
 @dataclass(frozen=True, slots=True)
 class Caller:
-    """What Keyless knows about the connection a request arrived on."""
+    """What Keyless knows about the connection a request arrived on.
+
+    Only evidence the app cannot forge by writing a header: the TCP peer, the TLS client
+    certificate chain mitmproxy received, and ``Proxy-Authorization`` (a header addressed to the
+    proxy itself, stripped before forwarding). ``carried`` holds what the CONNECT request that
+    opened this tunnel proved, so a tunnel authenticated once keeps its identity.
+    """
 
     address: str
     port: int
+    # The proxy's own end of the connection: with (address, port) it names the client's socket.
+    local_address: str | None = None
+    local_port: int | None = None
+    # repr=False: the value is a bearer token.
+    proxy_authorization: str | None = field(default=None, repr=False)
+    # DER, leaf first, exactly as presented; nothing about it is trusted yet.
+    client_certs: tuple[bytes, ...] = field(default=(), repr=False)
+    connection_id: str | None = None
+    carried: tuple[Attestation, ...] = ()
 
 
 class TrustProvider(Protocol):
@@ -38,9 +53,14 @@ class TrustSpec(NamedTuple):
 
 
 def _registry() -> dict[str, TrustSpec]:
-    from proxy.trust import source_ip
+    from proxy.trust import jwt, mtls, process, source_ip
 
-    return {"source_ip": TrustSpec(source_ip.parse, source_ip.SourceIpProvider)}
+    return {
+        "source_ip": TrustSpec(source_ip.parse, source_ip.SourceIpProvider),
+        "jwt": TrustSpec(jwt.parse, jwt.JwtProvider),
+        "mtls": TrustSpec(mtls.parse, mtls.MtlsProvider),
+        "process": TrustSpec(process.parse, process.ProcessProvider),
+    }
 
 
 TRUST_PROVIDERS: dict[str, TrustSpec] = _registry()
