@@ -30,6 +30,7 @@ class OidcProvider:
     clients: list[dict[str, Any]]
     subject_jwks: dict[str, Any] = field(default_factory=lambda: {"keys": []})
     ttl: int = 300
+    subject_audiences: list[str] = field(default_factory=list)
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
 
@@ -48,7 +49,8 @@ class OidcProvider:
         self.port = free_port()
         conf = self.tmp / "oidc.json"
         conf.write_text(json.dumps({"port": self.port, "ttl": self.ttl, "clients": self.clients,
-                                    "subjectJwks": self.subject_jwks}))
+                                    "subjectJwks": self.subject_jwks,
+                                    "subjectAudiences": self.subject_audiences}))
         self.log = self.tmp / "oidc.log"
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(["node", str(OAUTH_DIR / "server.js"), str(conf)], stdout=out,

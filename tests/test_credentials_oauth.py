@@ -251,3 +251,39 @@ def test_token_exchange_gives_each_identity_its_own_token(tmp_path: Path, upstre
     assert subjects == ["spiffe://demo.local/billing", "spiffe://demo.local/reports"] * 2
     assert oidc.stats()["byGrant"].get(EXCHANGE, 0) - before == 2
     no_canary(k, log, *(t[7:] for t in tokens))
+
+
+def test_token_exchange_presents_the_callers_own_workload_token(tmp_path: Path, upstream: Upstream,
+                                                                keys: tuple[Path, dict[str, Any]]) -> None:
+    from tests.issuer import Issuer, jwt_trust
+
+    issuer = Issuer(tmp_path / "issuer").start()
+    # The authorization server trusts the workload issuer's keys and Keyless's own.
+    oidc = OidcProvider(tmp_path / "oidc-x", clients=[
+        client("keyless-exchanger", "client_secret_basic", SECRET_EXCHANGE, grant=EXCHANGE)],
+        subject_jwks={"keys": keys[1]["keys"] + issuer.jwks()["keys"]}, subject_audiences=["keyless"]).start()
+    upstream.check = oidc.verifier("https://ledger.test")
+    cfg = base_config(tmp_path, upstream, policy={"dir": str(write_policy(tmp_path))},
+                      signing={"key_file": str(keys[0])},
+                      trust=[jwt_trust(issuer), {"name": "loopback", "type": "source_ip", "workloads": [
+                          {"cidr": "127.0.0.2/32", "id": "spiffe://demo.local/billing"}]}],
+                      credentials={"exchange": {
+                          "type": "token_exchange", "token_url": oidc.token_url, "client_id": "keyless-exchanger",
+                          "client_secret_env": "KL_TEST_EXCHANGE", "audience": "https://ledger.test",
+                          "subject_audience": oidc.issuer}})
+    k = Keyless(tmp_path, cfg, env={"KL_TEST_EXCHANGE": SECRET_EXCHANGE}).start()
+    workload_token = issuer.mint()
+    try:
+        url = upstream.url("/exchange/v1/ledger")
+        proxy_with_token = k.proxy_url.replace("http://", f"http://workload:{workload_token}@")
+        with_token = curl(k, url, "-x", proxy_with_token)
+        minted = curl(k, url, "--interface", "127.0.0.2")
+    finally:
+        log = k.stop()
+        oidc.stop()
+        issuer.stop()
+    assert with_token[0] == 200 and minted[0] == 200, (with_token, minted)
+    subjects = [c["sub"] for c in upstream.check.claims]  # type: ignore[union-attr]
+    # The first exchange presented the caller's own token; the second, a token Keyless minted.
+    assert subjects == ["system:serviceaccount:payments:billing", "spiffe://demo.local/billing"]
+    no_canary(k, log, workload_token, *(r.headers["authorization"][7:] for r in upstream.received))

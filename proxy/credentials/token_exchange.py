@@ -1,10 +1,12 @@
 """``token_exchange``: OAuth 2.0 Token Exchange (RFC 8693) for the calling workload.
 
-The subject token is a short-lived JWT that Keyless mints for the caller's attested identity
+The subject token is the caller's own verified workload JWT (from a ``jwt`` trust provider) or,
+when the caller has none, a short-lived JWT that Keyless mints for the caller's attested identity
 (``sub`` = the workload id, ``aud`` = the issuer or ``subject_audience``), verifiable with
-Keyless's ``/jwks.json``. With ``actor_token: true`` Keyless also presents a JWT for itself as
-the actor. The exchanged token is cached per (identity, audience, resource, scopes, token type):
-a token obtained for one workload is never served to another.
+Keyless's ``/jwks.json``; ``subject`` (auto, caller, minted) chooses. With ``actor_token: true``
+Keyless also presents a JWT for itself as the actor. The exchanged token is cached per
+(identity, caller's token, audience, resource, scopes, token type): a token obtained for one
+workload is never served to another.
 
 Keyless authenticates to the token endpoint like the ``oauth2`` provider does (same keys).
 """
@@ -24,7 +26,8 @@ GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
 JWT_TYPE = "urn:ietf:params:oauth:token-type:jwt"
 ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"  # noqa: S105 - a type URI
 
-Key = tuple[str, str | None, str | None, tuple[str, ...], str]
+# (identity, caller's token or None, audience, resource, scopes, requested token type)
+Key = tuple[str, str | None, str | None, str | None, tuple[str, ...], str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +40,7 @@ class TokenExchangeOptions:
     subject_audience: str | None
     subject_ttl: int
     actor_token: bool
+    subject: str
     header: str
     template: str
 
@@ -52,6 +56,7 @@ def parse(s: Section) -> TokenExchangeOptions:
         subject_audience=s.text("subject_audience", None),
         subject_ttl=s.integer("subject_ttl", 60, lo=10, hi=600),
         actor_token=s.flag("actor_token", False),
+        subject=s.choice("subject", ("auto", "caller", "minted"), "auto"),
         header=header,
         template=template,
     )
@@ -72,10 +77,10 @@ class TokenExchangeCredential:
         return f"TokenExchangeCredential(name={self.name!r})"
 
     async def _fetch(self, key: Key) -> Token:
-        subject, audience, resource, scopes, token_type = key
+        subject, caller_token, audience, resource, scopes, token_type = key
         o = self.options
         subject_aud = o.subject_audience or self.client.audience_default
-        subject_token, _ = self.signer.mint(subject, subject_aud, o.subject_ttl)
+        subject_token = caller_token or self.signer.mint(subject, subject_aud, o.subject_ttl)[0]
         form = {
             "grant_type": GRANT,
             "subject_token": subject_token,
@@ -106,8 +111,16 @@ class TokenExchangeCredential:
             scopes = parsed
         token_type = param_text(ctx, "requested_token_type", o.requested_token_type, self.label)
         assert token_type is not None
-        # The identity is part of the key: that is what keeps one workload's token from another.
-        return (subject, param_text(ctx, "audience", o.audience, self.label),
+        caller_token = None
+        if o.subject != "minted":
+            caller_token = next((a.evidence for a in ctx.identity.attestations
+                                 if a.type == "jwt" and a.id == subject and a.evidence), None)
+            if caller_token is None and o.subject == "caller":
+                raise KeylessError("credential_unavailable", "the caller presented no workload token to exchange",
+                                   self.label)
+        # The identity (and the caller's own token, when it is the subject) is part of the key:
+        # that is what keeps one workload's token from ever being served to another.
+        return (subject, caller_token, param_text(ctx, "audience", o.audience, self.label),
                 param_text(ctx, "resource", o.resource, self.label), scopes, token_type)
 
     async def apply(self, request: OutboundRequest, ctx: GrantContext) -> Grant:

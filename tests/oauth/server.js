@@ -1,9 +1,12 @@
 // A real OpenID Provider (node-oidc-provider, an OpenID-certified implementation) for the
 // Keyless OAuth2 tests. Usage: node server.js CONFIG.json
 //
-// CONFIG.json: {"port": N, "ttl": seconds, "clients": [...], "subjectJwks": {...}}
-//   clients      oidc-provider client metadata (client_secret_basic/post, private_key_jwt)
-//   subjectJwks  public keys trusted for token-exchange subject tokens (Keyless's JWKS)
+// CONFIG.json: {"port": N, "ttl": seconds, "clients": [...], "subjectJwks": {...},
+//               "subjectAudiences": [...]}
+//   clients           oidc-provider client metadata (client_secret_basic/post, private_key_jwt)
+//   subjectJwks       public keys trusted for token-exchange subject tokens (Keyless's JWKS,
+//                     and a workload issuer's for tokens the caller presented)
+//   subjectAudiences  audiences accepted on subject tokens besides the issuer itself
 //
 // Everything about tokens is oidc-provider's own code: client authentication, the
 // client_credentials grant, RFC 8707 resource indicators, JWT access tokens signed with the
@@ -70,7 +73,9 @@ provider.registerGrantType(EXCHANGE, async (ctx, next) => {
   }
   let claims;
   try {
-    ({ payload: claims } = await jwtVerify(params.subject_token, subjectKeys, { audience: issuer }));
+    ({ payload: claims } = await jwtVerify(params.subject_token, subjectKeys, {
+      audience: [issuer, ...(conf.subjectAudiences || [])],
+    }));
   } catch (e) {
     throw new errors.InvalidGrant(`subject_token invalid: ${e.code || e.message}`);
   }
