@@ -79,6 +79,44 @@ grants := [
 		"path_prefix": "/v1/reports",
 		"credential": "workload-jwt",
 	},
+	# The grants below use the brokered credentials in docs/credentials.md. `params` goes to the
+	# credential provider unchanged: it narrows the token minted for this one call.
+	{
+		"reason": "billing may read its repository and comment on issues with a GitHub App token",
+		"workload": "spiffe://demo.local/billing",
+		"hosts": {"api.github.com"},
+		"methods": {"GET", "POST"},
+		"path_prefix": "/repos/acme/billing/",
+		"credential": "github",
+		"params": {"repositories": ["billing"], "permissions": {"contents": "read", "issues": "write"}},
+	},
+	{
+		"reason": "billing may store invoices in S3 under its own role",
+		"workload": "spiffe://demo.local/billing",
+		"hosts": {"s3.us-east-1.amazonaws.com"},
+		"methods": {"GET", "PUT", "HEAD"},
+		"path_prefix": "/acme-invoices/",
+		"credential": "aws",
+		"params": {"role_arn": "arn:aws:iam::123456789012:role/billing-invoices"},
+	},
+	{
+		"reason": "reports may read the partner API with a client-credentials token",
+		"workload": "spiffe://demo.local/reports",
+		"hosts": {"api.partner.example"},
+		"methods": {"GET"},
+		"path_prefix": "/v2/",
+		"credential": "partner-oauth",
+		"params": {"scopes": ["reports:read"], "resource": "https://api.partner.example"},
+	},
+	{
+		"reason": "billing may post to the ledger as itself, via token exchange",
+		"workload": "spiffe://demo.local/billing",
+		"hosts": {"ledger.internal.example"},
+		"methods": {"POST"},
+		"path_prefix": "/entries",
+		"credential": "ledger",
+		"params": {"audience": "https://ledger.internal.example", "scopes": ["ledger:write"]},
+	},
 ]
 
 # Every grant that matches this request, in table order.
@@ -91,7 +129,12 @@ decision := {"allow": false, "reason": "caller has no attested workload identity
 } else := {"allow": false, "reason": "workload posture is failing"} if {
 	# Present only when policy.posture is configured (a scanner's or EDR's export).
 	input.context.posture.workload.status == "fail"
-} else := {"allow": true, "reason": granted[0].reason, "credential": granted[0].credential} if {
+} else := {
+	"allow": true,
+	"reason": granted[0].reason,
+	"credential": granted[0].credential,
+	"params": object.get(granted[0], "params", {}),
+} if {
 	count(granted) > 0
 } else := {"allow": false, "reason": sprintf("no grant allows %s to %s %s%s", [
 	input.identity.id,

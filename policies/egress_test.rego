@@ -141,3 +141,43 @@ test_other_program_of_backup_user_denied if {
 	d.allow == false
 	d.reason != "caller has no attested workload identity"
 }
+
+test_github_grant_scopes_the_installation_token if {
+	d := egress.decision with input.identity as {"id": "spiffe://demo.local/billing", "attestations": []}
+		with input.request as {"method": "GET", "scheme": "https", "host": "api.github.com", "port": 443, "path": "/repos/acme/billing/issues", "query": {}, "headers": {}}
+	d.allow == true
+	d.credential == "github"
+	d.params.repositories == ["billing"]
+	d.params.permissions.contents == "read"
+}
+
+test_s3_grant_names_the_role if {
+	d := egress.decision with input.identity as {"id": "spiffe://demo.local/billing", "attestations": []}
+		with input.request as {"method": "PUT", "scheme": "https", "host": "s3.us-east-1.amazonaws.com", "port": 443, "path": "/acme-invoices/2026/11.pdf", "query": {}, "headers": {}}
+	d.allow == true
+	d.credential == "aws"
+	d.params.role_arn == "arn:aws:iam::123456789012:role/billing-invoices"
+}
+
+test_partner_oauth_only_for_reports if {
+	d := egress.decision with input.identity as {"id": "spiffe://demo.local/billing", "attestations": []}
+		with input.request as {"method": "GET", "scheme": "https", "host": "api.partner.example", "port": 443, "path": "/v2/summary", "query": {}, "headers": {}}
+	d.allow == false
+	r := egress.decision with input.identity as {"id": "spiffe://demo.local/reports", "attestations": []}
+		with input.request as {"method": "GET", "scheme": "https", "host": "api.partner.example", "port": 443, "path": "/v2/summary", "query": {}, "headers": {}}
+	r.allow == true
+	r.params.scopes == ["reports:read"]
+}
+
+test_ledger_uses_token_exchange if {
+	d := egress.decision with input.identity as {"id": "spiffe://demo.local/billing", "attestations": []}
+		with input.request as {"method": "POST", "scheme": "https", "host": "ledger.internal.example", "port": 443, "path": "/entries", "query": {}, "headers": {}}
+	d.credential == "ledger"
+	d.params.audience == "https://ledger.internal.example"
+}
+
+test_grant_without_params_gets_empty_params if {
+	d := egress.decision with input.identity as {"id": "spiffe://demo.local/billing", "attestations": []}
+		with input.request as {"method": "GET", "scheme": "https", "host": "localhost", "port": 443, "path": "/v1/invoices", "query": {}, "headers": {}}
+	d.params == {}
+}

@@ -52,6 +52,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     # the app's Authorization and the injected credential into the log.
     for noisy in ("hpack", "h2"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    # botocore logs request and response bodies (secret values) at debug level.
+    for noisy in ("botocore", "boto3", "urllib3"):
+        logging.getLogger(noisy).setLevel(max(logging.INFO, logging.getLogger().level))
     try:
         prep = load_and_prepare(Path(args.config))
         return asyncio.run(serve(prep))

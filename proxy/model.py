@@ -20,6 +20,9 @@ class Attestation:
     type: str
     id: str | None
     facts: Mapping[str, Any] = field(default_factory=dict)
+    # The verified credential itself (a workload JWT), for a credential provider that presents
+    # it onward (token exchange). Never in the policy input, the audit record or repr().
+    evidence: str | None = field(default=None, repr=False, compare=False)
 
     def as_input(self) -> dict[str, Any]:
         return {"provider": self.provider, "type": self.type, "id": self.id, "facts": dict(self.facts)}

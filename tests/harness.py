@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ class Upstream:
     https_port: int = 0
     received: list[Received] = field(default_factory=list)
     status: int = 200
+    check: Callable[[Received], int] | None = None
     _loop: asyncio.AbstractEventLoop | None = None
     _thread: threading.Thread | None = None
     _runner: web.AppRunner | None = None
@@ -65,11 +67,14 @@ class Upstream:
 
         async def handle(request: web.Request) -> web.Response:
             body = await request.read()
-            self.received.append(Received(
+            rec = Received(
                 request.method, request.scheme, request.host, request.path,
                 {k: request.query.getall(k) for k in request.query},
-                {k.lower(): v for k, v in request.headers.items()}, body))
-            return web.json_response({"ok": True, "path": request.path}, status=self.status)
+                {k.lower(): v for k, v in request.headers.items()}, body)
+            self.received.append(rec)
+            # ``check`` lets a test's upstream verify what it received, as a real API would.
+            status = self.check(rec) if self.check is not None else self.status
+            return web.json_response({"ok": status < 400, "path": request.path}, status=status)
 
         async def main() -> None:
             app = web.Application()

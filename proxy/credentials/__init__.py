@@ -9,19 +9,25 @@ a request never leaves with no credential or a stale one.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
 from proxy.confread import Section
+from proxy.credentials.http import HttpClients
 from proxy.model import Grant, GrantContext, OutboundRequest
 from proxy.signing import Signer
 
 
 @dataclass(frozen=True, slots=True)
 class Runtime:
-    """Shared services a credential provider may use."""
+    """Shared services a credential provider may use.
+
+    ``http`` hands out aiohttp sessions created lazily on the running loop, shared by every
+    provider that talks to a token endpoint.
+    """
 
     signer: Signer
+    http: HttpClients = field(default_factory=HttpClients)
 
 
 class CredentialProvider(Protocol):
@@ -40,11 +46,15 @@ class CredentialSpec(NamedTuple):
 
 
 def _registry() -> dict[str, CredentialSpec]:
-    from proxy.credentials import jwt, static
+    from proxy.credentials import aws_sigv4, github_app, jwt, oauth2, static, token_exchange
 
     return {
         "static": CredentialSpec(static.parse, static.StaticCredential),
         "jwt": CredentialSpec(jwt.parse, jwt.JwtCredential),
+        "oauth2": CredentialSpec(oauth2.parse, oauth2.OAuth2Credential),
+        "token_exchange": CredentialSpec(token_exchange.parse, token_exchange.TokenExchangeCredential),
+        "aws_sigv4": CredentialSpec(aws_sigv4.parse, aws_sigv4.AwsSigV4Credential),
+        "github_app": CredentialSpec(github_app.parse, github_app.GitHubAppCredential),
     }
 
 

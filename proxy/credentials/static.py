@@ -1,7 +1,8 @@
-"""``static``: a residual secret from an environment variable or a file.
+"""``static``: a residual secret from an environment variable, a file or a secret store.
 
 For APIs that only accept a long-lived key. The app never sees it: Keyless reads it at start,
-re-reads a file when it changes (rotation without restart), and injects it into one header.
+re-reads a file when it changes and an AWS Secrets Manager secret every ``refresh_interval``
+(rotation without restart), and injects it into one header.
 """
 
 from __future__ import annotations
@@ -12,6 +13,12 @@ from pathlib import Path
 
 from proxy.confread import Section
 from proxy.credentials import Runtime, header_template, render
+from proxy.credentials.secretstore import (
+    SecretsManagerOptions,
+    SecretsManagerSource,
+    SecretStoreError,
+    parse_secrets_manager,
+)
 from proxy.errors import ConfigError, KeylessError
 from proxy.model import Grant, GrantContext, OutboundRequest, fingerprint
 
@@ -23,10 +30,14 @@ class StaticOptions:
     file: Path | None
     header: str
     template: str
+    store: SecretsManagerOptions | None = None
 
 
 def parse(s: Section) -> StaticOptions:
-    source = s.choice("from", ("env", "file"), "env" if s.has("env") else "file")
+    source = s.choice("from", ("env", "file", "aws_secrets_manager"), "env" if s.has("env") else "file")
+    if source == "aws_secrets_manager":
+        header, template = header_template(s)
+        return StaticOptions(source, None, None, header, template, parse_secrets_manager(s))
     env = s.text("env") if source == "env" else None
     file = s.path_value("file") if source == "file" else None
     if source == "env" and s.has("file"):
@@ -61,9 +72,10 @@ class StaticCredential:
         self.options = options
         self._value = ""
         self._stamp: tuple[int, int, int] | None = None
+        self._store = SecretsManagerSource(options.store) if options.store is not None else None
         try:
             self._load()
-        except SecretError as e:
+        except (SecretError, SecretStoreError) as e:
             raise ConfigError([f"credentials.{name}: {e}"]) from None
 
     def __repr__(self) -> str:
@@ -71,6 +83,9 @@ class StaticCredential:
 
     def _load(self) -> None:
         o = self.options
+        if self._store is not None:
+            self._value = check_secret(self._store.fetch())
+            return
         if o.source == "env":
             assert o.env is not None
             raw = os.environ.get(o.env)
@@ -103,7 +118,15 @@ class StaticCredential:
                     raise KeylessError("credential_unavailable", str(e), f"static({self.name})") from None
         return self._value
 
+    def _stored(self, value: str) -> None:
+        try:
+            self._value = check_secret(value)
+        except SecretError as e:
+            raise SecretStoreError(str(e)) from None
+
     async def apply(self, request: OutboundRequest, ctx: GrantContext) -> Grant:
+        if self._store is not None and self._store.due():
+            self._store.refresh_in_background(self._stored)
         value = self._current()
         request.headers[self.options.header] = render(self.options.template, value)
         return Grant(self.name, self.type, None, fingerprint(value))

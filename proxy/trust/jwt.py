@@ -267,7 +267,7 @@ class JwtProvider:
             wid = opts.id_template.format_map(facts)
         except (KeyError, ValueError, IndexError):
             raise self._fail("token lacks a claim the id template needs") from None
-        return Attestation(self.name, self.type, wid, facts)
+        return Attestation(self.name, self.type, wid, facts, evidence=token)
 
     def _verify(self, token: str, key: Any, alg: str, opts: IssuerOptions) -> dict[str, Any]:
         try:

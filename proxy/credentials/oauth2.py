@@ -1,0 +1,247 @@
+"""``oauth2``: access tokens from the client credentials grant (RFC 6749 section 4.4).
+
+Keyless is the OAuth client. It authenticates to the token endpoint with
+``client_secret_basic``, ``client_secret_post`` or ``private_key_jwt`` (RFC 7523: a client
+assertion signed with Keyless's own signing key, so no client secret exists anywhere), asks for
+the configured scopes, ``audience`` and ``resource`` (RFC 8707), and injects the token as a
+bearer token. The decision's ``params`` may override ``scopes``, ``audience`` and ``resource``.
+Tokens are cached per (scopes, audience, resource) in a ``TokenCache``.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+from proxy.confread import Section
+from proxy.credentials import Runtime, header_template, render
+from proxy.credentials.cache import CachePolicy, FetchError, Token, TokenCache
+from proxy.credentials.http import endpoint_url, request_json
+from proxy.credentials.static import SecretError, check_secret
+from proxy.errors import ConfigError, KeylessError
+from proxy.model import Grant, GrantContext, OutboundRequest, fingerprint
+
+AUTH_METHODS = ("client_secret_basic", "client_secret_post", "private_key_jwt")
+
+
+@dataclass(frozen=True, slots=True)
+class ClientOptions:
+    """How Keyless reaches and authenticates to a token endpoint (shared with token_exchange)."""
+
+    token_url: str | None
+    issuer: str | None
+    client_id: str
+    client_auth: str
+    secret_env: str | None
+    secret_file: Path | None
+    ca_file: Path | None
+    cache: CachePolicy
+
+
+def parse_client(s: Section) -> ClientOptions:
+    token_url = endpoint_url(s, "token_url")
+    issuer = endpoint_url(s, "issuer")
+    if not s.has("token_url") and not s.has("issuer"):
+        s.error("is required (or set issuer for OIDC discovery)", "token_url")
+    auth = s.choice("client_auth", AUTH_METHODS, "client_secret_basic")
+    secret_env = s.text("client_secret_env", None)
+    secret_file = s.path_value("client_secret_file", None)
+    if auth == "private_key_jwt":
+        for key in ("client_secret_env", "client_secret_file"):
+            if s.has(key):
+                s.error("not used with client_auth: private_key_jwt (Keyless signs with its own key)", key)
+    elif (secret_env is None) == (secret_file is None):
+        s.error(f"set exactly one of client_secret_env or client_secret_file for {auth}", "client_secret_env")
+    cache = CachePolicy(
+        timeout=s.number("timeout", 5.0, lo=0.1),
+        retries=s.integer("retries", 2, lo=0, hi=10),
+        backoff=s.number("backoff", 0.2, lo=0.0),
+        refresh_at=s.number("refresh_at", 0.75, lo=0.1),
+    )
+    if cache.refresh_at >= 1:
+        s.error("must be below 1 (a fraction of the token lifetime)", "refresh_at")
+    return ClientOptions(
+        token_url=token_url, issuer=issuer, client_id=s.text("client_id"), client_auth=auth,
+        secret_env=secret_env, secret_file=secret_file, ca_file=s.path_value("ca_file", None), cache=cache,
+    )
+
+
+def scopes_value(value: Any) -> tuple[str, ...] | None:
+    """Scopes as a list of strings or one space-separated string; None if malformed."""
+    if isinstance(value, str):
+        return tuple(sorted(set(value.split())))
+    if isinstance(value, list | tuple) and all(isinstance(v, str) and v and " " not in v for v in value):
+        return tuple(sorted(set(value)))
+    return None
+
+
+def param_text(ctx: GrantContext, name: str, default: str | None, provider: str) -> str | None:
+    value = ctx.decision.params.get(name, default)
+    if value is not None and (not isinstance(value, str) or not value):
+        raise KeylessError("credential_unavailable", f"params.{name} must be a non-empty string", provider)
+    return value
+
+
+class OAuthClient:
+    """Discovery, client authentication and the token request, without any caching."""
+
+    def __init__(self, name: str, label: str, options: ClientOptions, runtime: Runtime) -> None:
+        self.label = label
+        self.options = options
+        self.runtime = runtime
+        self._token_url = options.token_url
+        if options.client_auth != "private_key_jwt":
+            try:
+                self._secret()
+            except SecretError as e:
+                raise ConfigError([f"credentials.{name}: client secret: {e}"]) from None
+
+    def __repr__(self) -> str:
+        return f"OAuthClient({self.label!r}, client_auth={self.options.client_auth!r})"
+
+    def _secret(self) -> str:
+        # Read at every fetch, not once: rotating the secret file needs no restart.
+        o = self.options
+        if o.secret_env is not None:
+            raw = os.environ.get(o.secret_env)
+            if raw is None:
+                raise SecretError(f"environment variable {o.secret_env} is not set")
+            return check_secret(raw)
+        assert o.secret_file is not None
+        try:
+            return check_secret(o.secret_file.read_text())
+        except OSError as e:
+            raise SecretError(f"cannot read {o.secret_file} ({e.strerror})") from None
+
+    @property
+    def audience_default(self) -> str:
+        """Who a token minted for this issuer is for: the issuer, else the token endpoint."""
+        return self.options.issuer or self.options.token_url or ""
+
+    async def token_url(self) -> str:
+        if self._token_url is not None:
+            return self._token_url
+        issuer = self.options.issuer
+        assert issuer is not None
+        session = self.runtime.http.session(self.options.ca_file)
+        doc = await request_json(session, "GET", issuer.rstrip("/") + "/.well-known/openid-configuration",
+                                 what="OIDC discovery")
+        url = doc.get("token_endpoint")
+        parts = urlsplit(url) if isinstance(url, str) else None
+        if parts is None or parts.scheme not in ("https", "http") or (
+                parts.scheme == "http" and urlsplit(issuer).scheme != "http"):
+            raise FetchError("OIDC discovery has no usable token_endpoint", retryable=False)
+        self._token_url = str(url)
+        return self._token_url
+
+    async def request_token(self, form: dict[str, str]) -> Token:
+        """POST ``form`` to the token endpoint with client authentication; parse the answer."""
+        o = self.options
+        url = await self.token_url()
+        data = dict(form)
+        headers = {"Accept": "application/json"}
+        try:
+            if o.client_auth == "client_secret_basic":
+                # RFC 6749 section 2.3.1: both parts are form-urlencoded before base64.
+                pair = f"{quote(o.client_id, safe='')}:{quote(self._secret(), safe='')}"
+                headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
+            elif o.client_auth == "client_secret_post":
+                data["client_id"] = o.client_id
+                data["client_secret"] = self._secret()
+            else:
+                assertion, _ = self.runtime.signer.mint(o.client_id, url, 60, issuer=o.client_id)
+                data["client_id"] = o.client_id
+                data["client_assertion_type"] = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+                data["client_assertion"] = assertion
+        except SecretError as e:
+            raise FetchError(f"client secret: {e}", retryable=False) from None
+        session = self.runtime.http.session(o.ca_file)
+        started = time.time()
+        doc = await request_json(session, "POST", url, data=data, headers=headers)
+        return parse_token_response(doc, started)
+
+
+def parse_token_response(doc: dict[str, Any], started: float) -> Token:
+    token = doc.get("access_token")
+    if not isinstance(token, str) or not token:
+        raise FetchError("token response has no access_token")
+    try:
+        check_secret(token)
+    except SecretError:
+        raise FetchError("token response has a malformed access_token", retryable=False) from None
+    kind = doc.get("token_type", "Bearer")
+    if not isinstance(kind, str) or kind.lower() not in ("bearer", "n_a"):
+        raise FetchError(f"token response has unsupported token_type {str(kind)[:20]!r}", retryable=False)
+    expires_in = doc.get("expires_in")
+    if isinstance(expires_in, str) and expires_in.isdigit():
+        expires_in = int(expires_in)
+    if not isinstance(expires_in, int | float) or isinstance(expires_in, bool) or expires_in <= 0:
+        # RFC 6749 makes expires_in optional; without it Keyless assumes a short life rather
+        # than risk serving a token the issuer has already expired.
+        expires_in = 60
+    # Measured from when the request was sent: the issuer's clock started before our answer came.
+    return Token(token, started + float(expires_in), obtained_at=started)
+
+
+@dataclass(frozen=True, slots=True)
+class OAuth2Options:
+    client: ClientOptions
+    scopes: tuple[str, ...]
+    audience: str | None
+    resource: str | None
+    header: str
+    template: str
+
+
+def parse(s: Section) -> OAuth2Options:
+    header, template = header_template(s)
+    scopes = s.str_list("scopes", ())
+    return OAuth2Options(parse_client(s), tuple(sorted(set(scopes))), s.text("audience", None),
+                         s.text("resource", None), header, template)
+
+
+class OAuth2Credential:
+    type = "oauth2"
+
+    def __init__(self, name: str, options: OAuth2Options, runtime: Runtime) -> None:
+        self.name = name
+        self.options = options
+        self.label = f"oauth2({name})"
+        self.client = OAuthClient(name, self.label, options.client, runtime)
+        self.cache: TokenCache[tuple[tuple[str, ...], str | None, str | None]] = TokenCache(
+            self.label, self._fetch, options.client.cache)
+
+    def __repr__(self) -> str:
+        return f"OAuth2Credential(name={self.name!r})"
+
+    async def _fetch(self, key: tuple[tuple[str, ...], str | None, str | None]) -> Token:
+        scopes, audience, resource = key
+        form = {"grant_type": "client_credentials"}
+        if scopes:
+            form["scope"] = " ".join(scopes)
+        if audience:
+            form["audience"] = audience
+        if resource:
+            form["resource"] = resource
+        return await self.client.request_token(form)
+
+    def key_for(self, ctx: GrantContext) -> tuple[tuple[str, ...], str | None, str | None]:
+        o = self.options
+        scopes = o.scopes
+        if "scopes" in ctx.decision.params:
+            parsed = scopes_value(ctx.decision.params["scopes"])
+            if parsed is None:
+                raise KeylessError("credential_unavailable", "params.scopes must be a list of strings", self.label)
+            scopes = parsed
+        return (scopes, param_text(ctx, "audience", o.audience, self.label),
+                param_text(ctx, "resource", o.resource, self.label))
+
+    async def apply(self, request: OutboundRequest, ctx: GrantContext) -> Grant:
+        token = await self.cache.get(self.key_for(ctx))
+        request.headers[self.options.header] = render(self.options.template, token.value)
+        return Grant(self.name, self.type, token.expires_at, fingerprint(token.value))
