@@ -130,8 +130,11 @@ class KeylessAddon:
             check_authority(
                 scheme=req.scheme, host=host, port=req.port, host_header=req.host_header,
                 connect=self._tunnels.get(flow.client_conn.id), tls=flow.client_conn.tls_established,
-                sni=flow.client_conn.sni,
+                sni=flow.client_conn.sni, authority=None if req.is_http2 or req.is_http3 else req.authority,
             )
+            if not (req.is_http2 or req.is_http3):
+                # Forward in origin-form so the upstream routes on the Host header that was checked.
+                req.authority = ""
             check_path(req.path)
             doc = self.broker.policy_input(
                 ex, method=req.method, scheme=req.scheme, host=host, port=req.port, path=req.path,

@@ -132,7 +132,10 @@ class Broker:
         if decision.credential is None:
             return
         provider = self.credentials[decision.credential]
-        ctx = GrantContext(ex.identity, decision, request.scheme, request.host, request.port)
+        # In transparent mode request.host is the dialled address; credentials are minted for
+        # the name the policy decided on.
+        name = str(ex.request.get("host") or request.host)
+        ctx = GrantContext(ex.identity, decision, request.scheme, name, request.port)
         ex.grant = await provider.apply(request, ctx)
 
     def audit(self, ex: Exchange, status: int | None) -> None:
@@ -219,7 +222,8 @@ def split_host_header(value: str, default_port: int) -> tuple[str, int] | None:
 
 
 def check_authority(*, scheme: str, host: str, port: int, host_header: str | None,
-                    connect: tuple[str, int] | None, tls: bool, sni: str | None) -> None:
+                    connect: tuple[str, int] | None, tls: bool, sni: str | None,
+                    authority: str | None = None) -> None:
     """The CONNECT authority, TLS SNI and Host header must all name the destination.
 
     mitmproxy never compares them; a mismatch could route a credential meant for one host to
@@ -238,10 +242,14 @@ def check_authority(*, scheme: str, host: str, port: int, host_header: str | Non
                 raise misdirected("TLS without SNI for a named host")
         elif _norm(sni) != target:
             raise misdirected(f"TLS SNI {sni!r} does not match {host!r}")
-    if host_header is None:
-        return
-    parsed = split_host_header(host_header, 443 if scheme == "https" else 80)
-    if parsed is None:
-        raise KeylessError("bad_request", "malformed Host header")
-    if parsed != (target, port):
-        raise misdirected(f"Host header {host_header!r} does not match {host}:{port}")
+    default_port = 443 if scheme == "https" else 80
+    # An absolute-form request line inside a tunnel names a third authority; servers must
+    # prefer it over Host (RFC 9112 3.2.2), so it has to agree as well.
+    for what, value in (("request target", authority), ("Host header", host_header)):
+        if not value:
+            continue
+        parsed = split_host_header(value, default_port)
+        if parsed is None:
+            raise KeylessError("bad_request", f"malformed {what}")
+        if parsed != (target, port):
+            raise misdirected(f"{what} {value!r} does not match {host}:{port}")

@@ -408,6 +408,43 @@ def test_plain_http_inside_a_tunnel_must_match_the_connect_authority(env: Env) -
     assert_refused(r, 421, "misdirected_request", env)
 
 
+def test_absolute_form_authority_inside_a_tunnel_must_match(env: Env) -> None:
+    """Host and CONNECT agree but the request line names another authority: servers route on
+    the request line (RFC 9112 3.2.2), so the credential would reach that other host."""
+    port = env.upstream.http_port
+    r = raw_tunnel(env, f"localhost:{port}",
+                   f"GET http://evil.example:{port}/v1/t HTTP/1.1\r\nHost: localhost:{port}\r\n"
+                   "Connection: close\r\n\r\n".encode())
+    assert_refused(r, 421, "misdirected_request", env)
+    assert "request target" in r.json()["message"]
+
+
+def test_absolute_form_inside_a_tls_tunnel_leaves_in_origin_form(env: Env) -> None:
+    port = env.upstream.https_port
+    with socket.create_connection(("127.0.0.1", env.k.config["listen"]["port"]), timeout=10) as raw:
+        raw.sendall(f"CONNECT localhost:{port} HTTP/1.1\r\nHost: localhost:{port}\r\n\r\n".encode())
+        assert raw.recv(4096).startswith(b"HTTP/1.1 200")
+        ctx = ssl.create_default_context(cafile=str(env.k.ca_cert))
+        with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+            for target, want in ((f"https://evil.example:{port}/v1/t", 421), (f"https://localhost:{port}/v1/t", 200)):
+                env.upstream.received.clear()
+                tls.sendall(f"GET {target} HTTP/1.1\r\nHost: localhost:{port}\r\n\r\n".encode())
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    head += tls.recv(1)
+                length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n")
+                                  if line.lower().startswith(b"content-length")))
+                body = b""
+                while len(body) < length:
+                    body += tls.recv(length - len(body))
+                assert int(head.split(b" ", 2)[1]) == want, (target, head, body)
+                if want == 421:
+                    assert env.upstream.received == []
+                else:
+                    # Forwarded with its checked Host, and the credential, to the tunnel's host.
+                    assert only_received(env).host == f"localhost:{port}"
+
+
 # --- audit: exactly one line per request, every field, no secrets ----------------------------
 
 

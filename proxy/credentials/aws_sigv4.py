@@ -180,19 +180,21 @@ class AwsSigV4Credential:
                                      data=form)
         return parse_sts(body, started)
 
-    def endpoint_for(self, request: OutboundRequest) -> Endpoint:
-        endpoint = self._endpoints.get((request.host.lower().rstrip("."), request.port))
+    def endpoint_for(self, host: str, port: int, scheme: str) -> Endpoint:
+        endpoint = self._endpoints.get((host.lower().rstrip("."), port))
         if endpoint is None:
             raise KeylessError("credential_unavailable",
-                               f"{request.host}:{request.port} is not an AWS endpoint this credential signs for",
+                               f"{host}:{port} is not an AWS endpoint this credential signs for",
                                self.label)
-        if request.scheme != "https":
+        if scheme != "https":
             raise KeylessError("credential_unavailable", "AWS requests are signed only over verified TLS",
                                self.label)
         return endpoint
 
     async def apply(self, request: OutboundRequest, ctx: GrantContext) -> Grant:
-        endpoint = self.endpoint_for(request)
+        # ctx.host is the destination name the policy decided on (the dialled address in
+        # transparent mode would never match an endpoint).
+        endpoint = self.endpoint_for(ctx.host, request.port, request.scheme)
         subject = ctx.identity.id
         if subject is None:
             raise KeylessError("credential_unavailable", "no attested workload identity to assume a role for",
