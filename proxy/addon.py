@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import traceback
 from typing import Any
 
 from mitmproxy import http, tcp
@@ -37,9 +38,11 @@ def refusal(error: KeylessError, decision_id: str) -> http.Response:
 
 
 def _internal(where: str, exc: BaseException) -> KeylessError:
-    # The traceback goes to the log at debug level only: exception text may echo request data.
-    log.error("internal error in %s: %s", where, type(exc).__name__)
-    log.debug("internal error in %s", where, exc_info=exc)
+    # Only the exception type and where it was raised: exception text (and the locals a
+    # traceback formatter may show) can echo request data or a credential.
+    frames = traceback.extract_tb(exc.__traceback__)
+    at = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+    log.error("internal error in %s: %s%s", where, type(exc).__name__, at)
     return KeylessError("internal_error", f"internal error in {where}")
 
 
@@ -75,8 +78,9 @@ class KeylessAddon:
         )
 
     async def http_connect(self, flow: http.HTTPFlow) -> None:
-        self._tunnels[flow.client_conn.id] = (flow.request.host, flow.request.port)
+        tunnel = (flow.request.host, flow.request.port)
         if "proxy-authorization" not in flow.request.headers:
+            self._tunnels[flow.client_conn.id] = tunnel
             return
         # Attest once, on the CONNECT: inside the tunnel the client sends no Proxy-Authorization.
         addr = flow.client_conn.peername
@@ -84,6 +88,9 @@ class KeylessAddon:
         try:
             identity = await self.broker.attest(self._caller(flow))
             self._carried[flow.client_conn.id] = identity.attestations
+            # Only a CONNECT that succeeds opens a tunnel: a refused one leaves the connection
+            # usable for plain proxy requests.
+            self._tunnels[flow.client_conn.id] = tunnel
             return
         except KeylessError as e:
             error = e

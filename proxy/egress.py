@@ -209,7 +209,13 @@ class Egress:
     def _is_own(self, host: str, port: int) -> bool:
         ip = _ip(host)
         for own_ip, own_port in self._own:
-            if port == own_port and (is_loopback(host) or own_ip is None or own_ip.is_unspecified or ip == own_ip):
+            if port != own_port:
+                continue
+            if is_loopback(host) or (ip is not None and ip == own_ip):
+                return True
+            # A wildcard listener is every local address, but only those: refusing every host
+            # that shares Keyless's port would break upstreams on, say, 8080.
+            if (own_ip is None or own_ip.is_unspecified) and ip is not None and _is_local_address(ip):
                 return True
         return False
 
@@ -228,3 +234,14 @@ class Egress:
     @staticmethod
     def allow_key(host: str, port: int) -> tuple[str, int]:
         return _norm(host), int(port)
+
+
+def _is_local_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether ``ip`` is assigned to this host (binding to it succeeds only then)."""
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((str(ip), 0))
+        except OSError:
+            return False
+    return True

@@ -73,8 +73,12 @@ def test_connect_gate() -> None:
         with pytest.raises(KeylessError):
             e.check_connect(address, allowed)  # type: ignore[arg-type]
     wild = Egress(EgressConfig(), [("0.0.0.0", 15001)])  # noqa: S104
-    with pytest.raises(KeylessError):
-        wild.check_connect(("10.0.0.5", 15001), {("10.0.0.5", 15001)})
+    for local in ("127.0.0.1", "127.0.0.2", "localhost"):
+        with pytest.raises(KeylessError):
+            wild.check_connect((local, 15001), {(local, 15001)})
+    # A remote host (not an address of this machine) on the same port is somebody else's API.
+    wild.check_connect(("192.0.2.10", 15001), {("192.0.2.10", 15001)})
+    wild.check_connect(("api.example", 15001), {("api.example", 15001)})
 
 
 def test_origination_only_for_marked_cleartext_destinations() -> None:

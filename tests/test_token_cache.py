@@ -182,3 +182,17 @@ def test_oauth2_apply_hit_cost() -> None:
     per_hit = asyncio.run(main())
     print(f"\noauth2 apply() on a cache hit: {per_hit:.2f} us per request")
     assert cred.cache.fetches == 0 and per_hit < 200
+
+
+def test_non_finite_expiry_is_refused_and_long_lifetimes_are_capped() -> None:
+    from proxy.credentials.cache import MAX_LIFETIME
+
+    clock = Clock()
+    inf_cache, calls = make(clock, lifetime=float("inf"), retries=0)
+    with pytest.raises(KeylessError) as e:
+        asyncio.run(inf_cache.get("k"))
+    assert "non-finite" in e.value.message and len(calls) == 1
+
+    long_cache, _ = make(clock, lifetime=10 * 365 * 86400.0)
+    token = asyncio.run(long_cache.get("k"))
+    assert token.expires_at == clock.now + MAX_LIFETIME

@@ -15,7 +15,9 @@ when the last attempt fails. Nothing here logs or formats a token value.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
@@ -24,6 +26,11 @@ from typing import Any
 from proxy.errors import KeylessError
 
 log = logging.getLogger("keyless.credentials")
+
+
+# No cached credential is trusted for longer than this, whatever its issuer claims: a
+# revoked credential must drop out of the cache within a bounded time.
+MAX_LIFETIME = 12 * 3600.0
 
 @dataclass(frozen=True, slots=True)
 class Token:
@@ -161,6 +168,12 @@ class TokenCache[K: Hashable]:
                 if not e.retryable:
                     break
                 continue
+            if not math.isfinite(token.expires_at):
+                # json accepts Infinity and NaN: such a token would be cached forever, or never.
+                reason = "token endpoint gave a non-finite expiry"
+                continue
+            if token.expires_at - token.obtained_at > MAX_LIFETIME:
+                token = dataclasses.replace(token, expires_at=token.obtained_at + MAX_LIFETIME)
             if token.expires_at - min(p.min_remaining, (token.expires_at - token.obtained_at) / 4) \
                     <= self._clock():
                 reason = "token endpoint issued a token that is already expired"

@@ -22,7 +22,7 @@ from proxy.confread import Section
 from proxy.credentials import Runtime, header_template, render
 from proxy.credentials.cache import CachePolicy, FetchError, Token, TokenCache
 from proxy.credentials.http import endpoint_url, request_json
-from proxy.credentials.static import SecretError, check_secret
+from proxy.credentials.static import SecretError, check_secret, env_missing
 from proxy.errors import ConfigError, KeylessError
 from proxy.model import Grant, GrantContext, OutboundRequest, fingerprint
 
@@ -110,7 +110,7 @@ class OAuthClient:
         if o.secret_env is not None:
             raw = os.environ.get(o.secret_env)
             if raw is None:
-                raise SecretError(f"environment variable {o.secret_env} is not set")
+                raise env_missing(o.secret_env)
             return check_secret(raw)
         assert o.secret_file is not None
         try:

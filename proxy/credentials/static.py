@@ -8,6 +8,7 @@ re-reads a file when it changes and an AWS Secrets Manager secret every ``refres
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,13 @@ class SecretError(ValueError):
     """A secret could not be loaded; the message never includes the value."""
 
 
+def env_missing(name: str) -> SecretError:
+    # A value that is no variable name is likely the secret pasted by mistake: never echo it.
+    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,127}", name):
+        return SecretError(f"environment variable {name} is not set")
+    return SecretError("the environment variable name is not a valid name (a pasted secret?); it is not shown")
+
+
 def check_secret(value: str) -> str:
     if value.endswith("\r\n"):
         value = value[:-2]
@@ -90,7 +98,7 @@ class StaticCredential:
             assert o.env is not None
             raw = os.environ.get(o.env)
             if raw is None:
-                raise SecretError(f"environment variable {o.env} is not set")
+                raise env_missing(o.env)
             self._value = check_secret(raw)
             return
         assert o.file is not None
