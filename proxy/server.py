@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,7 +148,7 @@ async def serve(prep: Prepared) -> int:
         connection_strategy="lazy",
         upstream_cert=False,
         ssl_insecure=False,
-        ssl_verify_upstream_trusted_ca=str(config.tls.upstream_ca) if config.tls.upstream_ca else None,
+        ssl_verify_upstream_trusted_ca=str(upstream_trust(config.tls.upstream_ca)),
         # Ask clients for a certificate only when an mtls provider will verify it (mitmproxy
         # itself accepts any certificate; some clients hang up when asked for one they lack).
         request_client_cert=any(p.type == "mtls" for p in config.trust),
@@ -194,3 +195,20 @@ async def serve(prep: Prepared) -> int:
 
 def ca_cert_for(config: Config) -> Path:
     return ensure_ca(config.tls.ca_dir)
+
+
+def upstream_trust(configured: Path | None) -> Path:
+    """The CA bundle upstream certificates are verified against.
+
+    mitmproxy falls back to certifi's bundle, which ignores CAs an operator installed in the
+    system store; Keyless uses the system bundle (as its token-endpoint clients do) unless
+    ``tls.upstream_ca`` names another.
+    """
+    if configured is not None:
+        return configured
+    system = ssl.get_default_verify_paths().cafile
+    if system and Path(system).is_file():
+        return Path(system)
+    import certifi
+
+    return Path(certifi.where())
