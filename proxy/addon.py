@@ -107,10 +107,12 @@ class KeylessAddon:
         self._carried.pop(client.id, None)
         self._allowed.pop(client.id, None)
 
-    def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+    async def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         # Runs before any byte reaches the upstream; setting server.error aborts the connection.
         try:
             self.egress.check_connect(data.server.address, self._allowed.get(data.client.id, set()))
+            assert data.server.address is not None
+            await self.egress.check_addresses(data.server.address)
         except KeylessError as e:
             log.warning("refused upstream connection from %s: %s", data.client.peername, e.message)
             data.server.error = f"keyless: {e.message}"

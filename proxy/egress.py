@@ -50,11 +50,22 @@ class CleartextAllowance:
     port: int | None = None
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# Cloud metadata services and link-local addresses: the classic SSRF targets (instance
+# credentials). Private ranges are not refused by default because internal APIs live there;
+# add them with egress.extra_refused_networks where that is wanted.
+DEFAULT_REFUSED_NETWORKS: tuple[Network, ...] = tuple(ipaddress.ip_network(n) for n in (
+    "169.254.0.0/16", "fe80::/10", "fd00:ec2::254/128", "100.100.100.200/32", "0.0.0.0/8", "::/128",
+))
+
+
 @dataclass(frozen=True, slots=True)
 class EgressConfig:
     refused_ports: tuple[int, ...] = ()
     tls_origination: tuple[Origination, ...] = ()
     allow_cleartext: tuple[CleartextAllowance, ...] = ()
+    refused_networks: tuple[Network, ...] = DEFAULT_REFUSED_NETWORKS
 
 
 def parse(s: Section) -> EgressConfig:
@@ -77,7 +88,18 @@ def parse(s: Section) -> EgressConfig:
         row.done()
         if host:
             allow.append(CleartextAllowance(_norm(host), port))
-    return EgressConfig(tuple(ports), tuple(orig), tuple(allow))
+    networks = list(DEFAULT_REFUSED_NETWORKS)
+    for key in ("refused_networks", "extra_refused_networks"):
+        given = s.str_list(key, None)
+        if given is None:
+            continue
+        if key == "refused_networks":
+            networks = []
+        for i, cidr in enumerate(given):
+            net = s.cidr(cidr, f"{key}[{i}]")
+            if net is not None:
+                networks.append(net)
+    return EgressConfig(tuple(ports), tuple(orig), tuple(allow), tuple(networks))
 
 
 def _items(s: Section, key: str) -> list[object]:
@@ -230,6 +252,28 @@ class Egress:
             raise KeylessError("forbidden", "connection to Keyless's own listener (redirect loop?)")
         if (host, port) not in allowed:
             raise KeylessError("forbidden", f"no allowed request asked for a connection to {host}:{port}")
+
+    async def check_addresses(self, address: tuple[str, int]) -> None:
+        """Refuse a destination whose addresses fall in ``refused_networks`` (metadata, link-local).
+
+        The policy allowed a name; this stops that name from resolving to an instance
+        metadata service. mitmproxy resolves the name again when it connects, so a DNS answer
+        that changes in between (rebinding) is not covered; see docs/deployment.md.
+        """
+        if not self.config.refused_networks:
+            return
+        host, port = _norm(str(address[0])), int(address[1])
+        ip = _ip(host)
+        if ip is not None:
+            addresses = [ip]
+        elif is_loopback(host):
+            return
+        else:
+            found = [_ip(a) for a in await self.resolve(host, port)]
+            addresses = [a for a in found if a is not None]
+        for a in addresses:
+            if any(a.version == n.version and a in n for n in self.config.refused_networks):
+                raise KeylessError("forbidden", f"{host} resolves to {a}, in egress.refused_networks")
 
     @staticmethod
     def allow_key(host: str, port: int) -> tuple[str, int]:

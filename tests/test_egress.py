@@ -178,3 +178,36 @@ def test_regular_mode_refuses_credential_on_cleartext_hop(tmp_path: Path, upstre
     assert code == "403" and "cleartext" in body
     assert wait_for_audit(k, 1)[0]["outcome"]["error"] == "forbidden"
     assert "canary-clear" not in log + k.audit_file.read_text()
+
+
+def test_refused_networks_stop_metadata_and_link_local_destinations() -> None:
+    async def resolve(host: str, port: int) -> list[str]:
+        # A stand-in for DNS: a name that points at the instance metadata service.
+        return {"metadata.example": ["169.254.169.254"], "api.example": ["10.0.0.2"]}.get(host, [])
+
+    e = Egress(EgressConfig(), [("127.0.0.1", 15001)], resolve)
+    for address in (("metadata.example", 80), ("169.254.169.254", 80), ("fe80::1", 443)):
+        with pytest.raises(KeylessError) as refused:
+            asyncio.run(e.check_addresses(address))
+        assert refused.value.code == "forbidden" and "refused_networks" in refused.value.message
+    asyncio.run(e.check_addresses(("api.example", 443)))
+    asyncio.run(e.check_addresses(("localhost", 80)))
+
+
+def test_refused_networks_end_to_end(tmp_path: Path, upstream: Upstream) -> None:
+    """A policy-allowed destination inside egress.refused_networks gets no connection at all."""
+    (tmp_path / "key").write_text("refused-net-canary\n")
+    cfg = base_config(tmp_path, upstream, egress={"extra_refused_networks": ["127.0.0.1/32"]}, credentials={
+        "demo-api": {"type": "static", "from": "file", "file": str(tmp_path / "key")},
+        "workload-jwt": {"type": "jwt"}})
+    k = Keyless(tmp_path, cfg).start()
+    try:
+        out = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-x", k.proxy_url,
+                              f"http://127.0.0.1:{upstream.http_port}/v1/x"], capture_output=True, text=True,
+                             timeout=30)
+        assert out.stdout == "502"
+        records = wait_for_audit(k, 1)
+    finally:
+        k.stop()
+    assert upstream.received == []
+    assert "refused_networks" in records[-1]["outcome"]["message"]
