@@ -193,10 +193,6 @@ async def serve(prep: Prepared) -> int:
     return 0
 
 
-def ca_cert_for(config: Config) -> Path:
-    return ensure_ca(config.tls.ca_dir)
-
-
 def upstream_trust(configured: Path | None) -> Path:
     """The CA bundle upstream certificates are verified against.
 

@@ -154,8 +154,6 @@ def parse_sts(body: bytes, started: float) -> Token:
 
 class AwsSigV4Credential:
     type = "aws_sigv4"
-    # Documented for the request path: SigV4 hashes the body, so it must be buffered.
-    requires_request_body = True
 
     def __init__(self, name: str, options: AwsOptions, runtime: Runtime) -> None:
         self.name = name
