@@ -50,6 +50,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     logging.getLogger("mitmproxy").setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
         prep = prepare(_load(args.config))
+        if prep.config.listen.workers > 1:
+            from proxy.workers import run_workers
+
+            return run_workers(prep)
         return asyncio.run(serve(prep))
     except ConfigError as e:
         return _problems(e, args.config)

@@ -76,8 +76,12 @@ def probe_policy(engine: EmbeddedEngine) -> None:
         raise PolicyLoadError([e.message]) from None
 
 
-async def serve(prep: Prepared) -> int:
-    """Run until SIGINT/SIGTERM. Returns the process exit code."""
+async def serve(prep: Prepared, *, reuse_port: bool = False) -> int:
+    """Run until SIGINT/SIGTERM. Returns the process exit code.
+
+    ``reuse_port``: bind the proxy and admin ports with SO_REUSEPORT (one of several workers,
+    see proxy/workers.py).
+    """
     from mitmproxy import options
     from mitmproxy.addons import core, errorcheck, next_layer, proxyserver, tlsconfig
     from mitmproxy.master import Master
@@ -115,6 +119,11 @@ async def serve(prep: Prepared) -> int:
         ssl_verify_upstream_trusted_ca=str(config.tls.upstream_ca) if config.tls.upstream_ca else None,
     )
 
+    if reuse_port:
+        from proxy.workers import enable_reuse_port
+
+        enable_reuse_port()
+
     runner: web.AppRunner | None = None
     if config.admin.enabled:
         from proxy.admin import make_admin_app
@@ -122,7 +131,7 @@ async def serve(prep: Prepared) -> int:
         runner = web.AppRunner(make_admin_app(prep.signer, ca_cert, ready.is_set), access_log=None)
         await runner.setup()
         try:
-            await web.TCPSite(runner, config.admin.address, config.admin.port).start()
+            await web.TCPSite(runner, config.admin.address, config.admin.port, reuse_port=reuse_port or None).start()
         except OSError as e:
             await runner.cleanup()
             where = f"{config.admin.address}:{config.admin.port}"
