@@ -31,7 +31,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +82,7 @@ class Target:
     config: Callable[[Env], dict[str, Any]] = lambda env: {}
     setup: Callable[[Env], list[subprocess.Popen[bytes]]] | None = None
     note: str = ""
+    tree: Path | None = None  # run Keyless from another checkout (--compare-tree: before/after)
 
 
 def _static(env: Env) -> dict[str, Any]:
@@ -282,8 +283,15 @@ def start(env: Env, target: Target) -> Running:
             return r
         cmd = [sys.executable, "-m", "proxy.cli", "run", "-c", str(cfg_file), "--log-level", "warning"]
     with open(log, "wb") as out:
-        r.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
-    wait_port(r.port, r.proc, log)
+        # ``python -m proxy.cli`` imports the package from the working directory first.
+        r.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=target.tree or REPO)
+    try:
+        wait_port(r.port, r.proc, log)
+    except RuntimeError as e:
+        if target.tree is None:
+            raise
+        stop(r.proc)
+        r.proc, r.skipped = None, f"does not start from {target.tree}: {str(e).splitlines()[-1][:200]}"
     return r
 
 
@@ -467,6 +475,9 @@ def main() -> int:
     p.add_argument("--targets", help="comma-separated target names (default: all)")
     p.add_argument("--scenarios", help="comma-separated scenario names (default: all)")
     p.add_argument("--hold", type=int, default=1000, help="idle keep-alive connections for the RSS check (0: skip)")
+    p.add_argument("--compare-tree", type=Path, metavar="DIR",
+                   help="also run every Keyless target from this checkout (e.g. `git worktree add /tmp/base main`), "
+                        "as NAME@base, interleaved with the rest: before/after in one run")
     p.add_argument("--out", type=Path, help="directory for results.json and results.md (default: bench/results/<time>)")
     args = p.parse_args()
 
@@ -477,6 +488,10 @@ def main() -> int:
     if args.smoke:
         args.rounds, args.duration, args.hold = 1, 1.0, min(args.hold, 20)
     targets = TARGETS if not args.targets else [t for t in TARGETS if t.name in args.targets.split(",")]
+    if args.compare_tree:
+        tree = args.compare_tree.resolve()
+        targets = targets + [replace(t, name=f"{t.name}@base", tree=tree, note=f"{t.note} (from {tree})")
+                             for t in targets if t.kind == "keyless"]
     tool = "wrk" if shutil.which("wrk") else "loadgen"
     if tool != "wrk":
         print("wrk not found: plain HTTP is driven by bench/loadgen.py instead", file=sys.stderr)

@@ -146,4 +146,5 @@ def test_audit_lines_stay_whole_across_processes(tmp_path: Path) -> None:
         assert os.waitpid(pid, 0)[1] == 0
     lines = path.read_text().splitlines()
     assert len(lines) == 600
-    assert sorted((d["writer"], d["i"]) for d in map(json.loads, lines)) == [(n, i) for n in range(2) for i in range(300)]
+    seen = sorted((d["writer"], d["i"]) for d in map(json.loads, lines))
+    assert seen == [(n, i) for n in range(2) for i in range(300)]
