@@ -65,3 +65,38 @@ def test_evaluate_uses_it_and_fails_closed_on_unconvertible_values() -> None:
         set_input(interp._impl, {"a": object()})
     with pytest.raises(ValueError):
         evaluate(interp, bundle, "bench/echo/doc", {"when": Path("/x")})
+
+
+LEAK_PROBE = """
+import aiohttp  # loads libstdc++ (through frozenlist) before regopy, as `keyless run` does
+from pathlib import Path
+from proxy.policy.embedded import EmbeddedEngine
+
+def rss_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+
+e = EmbeddedEngine.from_dir(Path({policies!r}), "data.keyless.egress.decision")
+doc = {{"source": {{"address": "127.0.0.1", "port": 1}},
+        "identity": {{"id": "spiffe://demo.local/billing", "attestations": []}},
+        "request": {{"method": "GET", "scheme": "http", "host": "127.0.0.1", "port": 80, "path": "/v1/x",
+                    "query": {{}}, "headers": {{"user-agent": "t"}}}},
+        "context": {{"time": "2026-01-01T00:00:00Z", "mode": "regular"}}}}
+for _ in range(1000):
+    e.decide_sync(doc)
+before = rss_mb()
+for _ in range(6000):
+    e.decide_sync(doc)
+print(rss_mb() - before)
+"""
+
+
+def test_no_native_leak_after_cpp_extension() -> None:
+    """rego-cpp leaked ~5 KB per evaluation when another C++ extension loaded first (30 MB here)."""
+    import subprocess
+    import sys
+
+    policies = Path(__file__).resolve().parent.parent / "policies"
+    out = subprocess.run([sys.executable, "-c", LEAK_PROBE.format(policies=str(policies))],
+                         capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout) < 8, f"RSS grew {out.stdout.strip()} MB over 6,000 decisions"
