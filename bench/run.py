@@ -67,7 +67,8 @@ class Env:
 class Target:
     """One row of the table.
 
-    kind: ``direct`` (no proxy), ``mitmdump`` (bare mitmproxy) or ``keyless``.
+    kind: ``direct`` (no proxy), ``mitmdump`` (bare mitmdump), ``bare`` (bench/bare_master.py:
+      Keyless's Master without the Keyless addon) or ``keyless``.
     method/path: the request sent; the default policy (policies/egress.rego) grants
       GET /v1/* with the ``demo-api`` static key and POST /v1/reports* with a minted JWT.
     config: a function of Env returning overrides deep-merged into the base Keyless config.
@@ -100,7 +101,8 @@ def _workers(n: int) -> Callable[[Env], dict[str, Any]]:
 # The table. Add a row here to benchmark a new configuration; see the module docstring.
 TARGETS: list[Target] = [
     Target("direct", "direct", note="load generator straight to the upstream"),
-    Target("mitmdump", "mitmdump", note="bare mitmdump, regular mode, Keyless's options"),
+    Target("mitmdump", "mitmdump", note="bare mitmdump, regular mode, Keyless's options, its default addons"),
+    Target("mitm-bare", "bare", note="mitmproxy with Keyless's own short addon list and options, no Keyless addon"),
     Target("keyless-static", "keyless", config=_static,
            note="source_ip attestation, embedded Rego, static key from a file, audit to a file"),
     Target("keyless-jwt", "keyless", method="POST", path="/v1/reports/bench", config=_jwt,
@@ -269,6 +271,9 @@ def start(env: Env, target: Target) -> Running:
         cmd = [str(exe), "-q", "--mode", "regular", "--listen-host", "127.0.0.1", "--listen-port", str(r.port),
                "--set", f"confdir={env.proxy_ca_dir}", "--set", "connection_strategy=lazy",
                "--set", "upstream_cert=false", "--set", f"ssl_verify_upstream_trusted_ca={env.upstream_ca}"]
+    elif target.kind == "bare":
+        cmd = [sys.executable, str(BENCH / "bare_master.py"), "--port", str(r.port),
+               "--confdir", str(env.proxy_ca_dir), "--upstream-ca", str(env.upstream_ca)]
     else:
         from proxy.config import parse_config
         from proxy.errors import ConfigError
@@ -376,7 +381,7 @@ def summarise(rounds: list[dict[str, dict[str, dict[str, Any]]]], names: list[st
                                    for k in ("rps", "p50_ms", "p99_ms", "cpu", "rss_mb")}
             row["errors"] = sum(c["errors"] for c in cells)
             row["requests"] = sum(c["requests"] for c in cells)
-            for base in ("mitmdump", "direct"):
+            for base in ("mitmdump", "mitm-bare", "direct", "keyless-static"):
                 pairs = [(rd[sc.name][name], rd[sc.name][base]) for rd in rounds
                          if name in rd.get(sc.name, {}) and base in rd.get(sc.name, {})]
                 if not pairs or name == base:
@@ -401,6 +406,12 @@ def targets_check(summary: dict[str, dict[str, dict[str, Any]]], hold: dict[str,
          "<=", 0.3),
         ("HTTP c1 added p99 over mitmdump <= 1 ms", get("http-c1", "keyless-static", "p99_plus_mitmdump_ms"),
          "<=", 1.0),
+        ("(stricter) HTTP c32 throughput >= 0.85 x mitm-bare",
+         get("http-c32", "keyless-static", "rps_x_mitm-bare"), ">=", 0.85),
+        ("(stricter) HTTP c1 added p50 over mitm-bare <= 0.3 ms",
+         get("http-c1", "keyless-static", "p50_plus_mitm-bare_ms"), "<=", 0.3),
+        ("(stricter) HTTP c1 added p99 over mitm-bare <= 1 ms",
+         get("http-c1", "keyless-static", "p99_plus_mitm-bare_ms"), "<=", 1.0),
         ("HTTPS c1 keep-alive added p50 over direct <= 2 ms",
          get("https-c1", "keyless-static", "p50_plus_direct_ms"), "<=", 2.0),
         ("2 workers >= 1.6 x 1 worker (HTTP c32 rps)", scaling, ">=", 1.6),
@@ -419,15 +430,16 @@ def markdown(result: dict[str, Any]) -> str:
              f"{result['duration']} s per cell; medians over rounds, ratios within a round.", ""]
     for sc, rows in result["summary"].items():
         lines += [f"### {sc}", "",
-                  "| target | rps | p50 ms | p99 ms | x mitmdump rps | +p50 vs mitmdump ms | x direct rps "
-                  "| +p50 vs direct ms | proxy CPU (cores) | peak RSS MB | errors |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| target | rps | p50 ms | p99 ms | x mitmdump rps | +p50 vs mitmdump ms | x bare rps "
+                  "| +p50 vs bare ms | x direct rps | +p50 vs direct ms | proxy CPU (cores) | peak RSS MB | errors |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name, row in rows.items():
             def f(k: str, row: dict[str, Any] = row) -> str:
                 v = row.get(k)
                 return "" if v is None else f"{v:g}"
             lines.append(f"| {name} | {f('rps')} | {f('p50_ms')} | {f('p99_ms')} | {f('rps_x_mitmdump')} "
-                         f"| {f('p50_plus_mitmdump_ms')} | {f('rps_x_direct')} | {f('p50_plus_direct_ms')} "
+                         f"| {f('p50_plus_mitmdump_ms')} | {f('rps_x_mitm-bare')} | {f('p50_plus_mitm-bare_ms')} "
+                         f"| {f('rps_x_direct')} | {f('p50_plus_direct_ms')} "
                          f"| {f('cpu')} | {f('rss_mb')} | {row['errors']} |")
         lines.append("")
     if result["hold"]:
@@ -524,7 +536,7 @@ def main() -> int:
             hold: dict[str, Any] = {}
             if args.hold:
                 for r in live:
-                    if r.target.name in ("mitmdump", "keyless-static"):
+                    if r.target.name in ("mitmdump", "mitm-bare", "keyless-static", "keyless-static@base"):
                         hold[r.target.name] = hold_rss(env, r, args.hold)
         finally:
             for r in running:
@@ -534,11 +546,9 @@ def main() -> int:
                     stop(extra)
         names = [r.target.name for r in live]
         summary = summarise(rounds, names, scenarios)
-        scaling = None
+        # Per-round ratio of 2 workers to 1, then the median (as for every other ratio).
         sc32 = "http-c32" if "http-c32" in summary else scenarios[0].name
-        one, two = summary[sc32].get("keyless-static"), summary[sc32].get("keyless-static-2w")
-        if one and two and one["rps"]:
-            scaling = round(two["rps"] / one["rps"], 3)
+        scaling = summary[sc32].get("keyless-static-2w", {}).get("rps_x_keyless-static")
         result = {
             "started": started, "machine": f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}",
             "rounds": args.rounds, "duration": args.duration, "http_tool": tool,
