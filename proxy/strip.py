@@ -26,7 +26,7 @@ def strip_credentials(request: OutboundRequest, config: StripConfig) -> list[str
     if config.query_params and "?" in request.path:
         query = request.query
         # mitmproxy re-parses the URL on every lookup through this view: read the names once.
-        names = {name for name, _ in query.items(multi=True)}
+        names = set(query)
         for param in config.query_params:
             if param in names:
                 del query[param]
