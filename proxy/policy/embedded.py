@@ -25,6 +25,7 @@ from regopy.rego_shared import (
 
 from proxy.errors import KeylessError
 from proxy.model import Decision
+from proxy.policy.cache import DecisionCache, input_paths
 from proxy.policy.fastinput import set_input
 from proxy.policy.result import UNDEFINED, parse_decision
 
@@ -151,19 +152,30 @@ class EmbeddedEngine:
         self._entry = entrypoint(query)
         self._interp, self._bundle = compile_modules(source, [self._entry])
         self._source = f"policy({query})"
+        # Off (None) unless every input reference is a static path and no built-in reads the
+        # clock or the network: see proxy/policy/cache.py.
+        paths = input_paths(source.modules)
+        self.cache = DecisionCache(paths) if paths is not None else None
 
     @classmethod
     def from_dir(cls, directory: Path, query: str) -> EmbeddedEngine:
         return cls(read_policy_dir(directory), query)
 
     def decide_sync(self, input_doc: dict[str, Any]) -> Decision:
+        cache = self.cache
+        if cache is not None:
+            key = cache.key(input_doc)
+            hit = cache.get(key)
+            if hit is not None:
+                return hit
         try:
             defined, value = evaluate(self._interp, self._bundle, self._entry, input_doc)
         except (ValueError, regopy.RegoError) as e:
             raise KeylessError("policy_unavailable", f"evaluation failed: {e}", self._source) from None
-        if not defined:
-            return UNDEFINED
-        return parse_decision(value, self._source)
+        decision = parse_decision(value, self._source) if defined else UNDEFINED
+        if cache is not None:
+            decision = cache.put(key, decision)
+        return decision
 
     async def decide(self, input_doc: dict[str, Any]) -> Decision:
         # Evaluation is CPU-only (tens of microseconds): no reason to leave the event loop.
