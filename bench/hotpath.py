@@ -45,7 +45,7 @@ def build(tmp: Path) -> Any:
     return Broker(cfg, prep.engine, prep.signer, JsonLinesSink(cfg.audit.path), prep.trust, prep.credentials)
 
 
-async def measure(n: int, batches: int, jwt: bool) -> dict[str, float]:
+async def measure(n: int, batches: int, jwt: bool, cache: bool = True) -> dict[str, float]:
     from mitmproxy import http
 
     from proxy.broker import Exchange, check_authority
@@ -54,6 +54,8 @@ async def measure(n: int, batches: int, jwt: bool) -> dict[str, float]:
 
     tmp = Path(tempfile.mkdtemp(prefix="keyless-hotpath-"))
     broker = build(tmp)
+    if not cache and hasattr(broker.engine, "cache"):
+        broker.engine.cache = None  # every request evaluates the policy
     method, path = ("POST", "/v1/reports/x") if jwt else ("GET", "/v1/bench?page=2")
     headers = {"Host": "127.0.0.1:9000", "User-Agent": "keyless-bench", "Accept": "*/*",
                "Authorization": "Bearer app-own"}
@@ -106,8 +108,9 @@ def main() -> int:
     p.add_argument("--n", type=int, default=3000)
     p.add_argument("--batches", type=int, default=5)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--no-cache", action="store_true", help="disable the decision cache: Rego runs every time")
     args = p.parse_args()
-    results = {name: asyncio.run(measure(args.n, args.batches, jwt)) for name, jwt in
+    results = {name: asyncio.run(measure(args.n, args.batches, jwt, not args.no_cache)) for name, jwt in
                (("static", False), ("jwt", True))}
     if args.json:
         print(json.dumps(results, indent=2))

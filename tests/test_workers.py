@@ -21,8 +21,8 @@ def children(pid: int) -> list[int]:
     return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
-def established_on(pid: int, port: int) -> int:
-    """How many ESTABLISHED TCP sockets with local port ``port`` process ``pid`` holds."""
+def established_on(pid: int, port: int, state: str = "01") -> int:
+    """How many TCP sockets in ``state`` (01 ESTABLISHED, 0A LISTEN) on local ``port`` ``pid`` holds."""
     inodes = set()
     for fd in Path(f"/proc/{pid}/fd").iterdir():
         try:
@@ -35,7 +35,7 @@ def established_on(pid: int, port: int) -> int:
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
             f = line.split()
-            if int(f[1].rsplit(":", 1)[1], 16) == port and f[3] == "01" and f[9] in inodes:
+            if int(f[1].rsplit(":", 1)[1], 16) == port and f[3] == state and f[9] in inodes:
                 count += 1
     return count
 
@@ -63,6 +63,10 @@ def test_two_workers_share_port_ca_key_and_audit_log(tmp_path: Path, upstream: U
         assert k.proc is not None
         workers = children(k.proc.pid)
         assert len(workers) == 2
+        # /readyz answered from one worker; wait until both have bound the proxy port.
+        deadline = time.monotonic() + 15
+        while not all(established_on(w, port, "0A") for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
         # The kernel spreads new connections over both workers (SO_REUSEPORT hashes the
         # 4-tuple): with 24 connections held open, both must hold some.
         host = f"127.0.0.1:{upstream.http_port}"
