@@ -143,6 +143,9 @@ async def serve(prep: Prepared, *, reuse_port: bool = False) -> int:
         loop.add_signal_handler(sig, master.shutdown)
     log.info("keyless listening on %s:%d (policy revision %s, CA %s)", config.listen.address,
              config.listen.port, prep.engine.revision, ca_cert)
+    from proxy.policy.cache import describe
+
+    log.info("%s", describe(getattr(prep.engine, "cache", None)))
     # Everything built so far (modules, compiled policy, mitmproxy's option tree: ~100k objects)
     # lives as long as the process: move it out of the collector's reach so full collections
     # triggered by per-request garbage do not rescan it.

@@ -35,6 +35,8 @@ def mod(body: str) -> list[tuple[str, str]]:
     ('decision := {"allow": rand.intn("k", 10) > 3}', None),
     ('decision := {"allow": count(uuid.rfc4122("k")) > 0}', None),
     ('decision := {"allow": true, "reason": http.send({"url": "x", "method": "get"}).body}', None),
+    ('decision := {"allow": count(crypto.x509.parse_and_verify_certificates(input.c)) > 0}', None),
+    ('decision := {"allow": true, "reason": $"for {input.identity.id}"}', None),
 ])
 def test_input_paths(body: str, expected: tuple[tuple[str, ...], ...] | None) -> None:
     assert input_paths(mod(body)) == expected
@@ -88,3 +90,12 @@ def test_policy_reading_the_port_keys_on_it_and_errors_are_not_cached() -> None:
         with pytest.raises(KeylessError):
             engine.decide_sync(bad)
     assert len(engine.cache._entries) == 2
+
+
+def test_startup_line_says_what_the_cache_keys_on() -> None:
+    from proxy.policy.cache import describe
+
+    engine = EmbeddedEngine.from_dir(POLICIES, "data.keyless.egress.decision")
+    assert describe(engine.cache) == ("decision cache on, keyed on input.identity.id, input.request.host, "
+                                      "input.request.method, input.request.path")
+    assert describe(None).startswith("decision cache off")

@@ -11,8 +11,10 @@ modules are scanned (comments and strings removed) and the cache is off when any
 - uses ``input`` other than as ``input.a.b...`` (bare ``input``, ``input[...]``, ``import input``,
   ``with input as``): the whole document could matter;
 - calls a built-in whose answer is not a function of its arguments (``time.now_ns``,
-  ``rand.*``, ``uuid.*``, ``http.send``, ``net.lookup_ip_addr``, ``opa.runtime``,
-  ``io.jwt.decode_verify`` which reads the clock).
+  ``rand.*``, ``uuid.*``, ``http.send``, ``net.lookup_ip_addr``, ``opa.runtime``, and
+  ``io.jwt.decode_verify`` and ``crypto.x509.parse_and_verify_certificates*``, which read the
+  clock);
+- contains a template string (``$"...{input.x}..."``), whose embedded code the scan cannot see.
 
 ``data`` is compiled in once and never changes within an engine, and each engine instance has
 its own cache, so a policy reload (a new engine) starts empty. Errors are never cached.
@@ -31,7 +33,10 @@ from proxy.model import Decision
 MAX_ENTRIES = 10_000
 
 _NONDETERMINISTIC = re.compile(
-    r"\b(?:time\.now_ns|rand\.\w+|uuid\.\w+|http\.send|net\.lookup_ip_addr|opa\.runtime|io\.jwt\.decode_verify)\b")
+    r"\b(?:time\.now_ns|rand\.\w+|uuid\.\w+|http\.send|net\.lookup_ip_addr|opa\.runtime|io\.jwt\.decode_verify"
+    r"|crypto\.x509\.parse_and_verify_certificates\w*)\b")
+# Template strings ($"...{expr}...") hold code inside quotes, which the scan below drops.
+_TEMPLATE = re.compile(r"\$\s*[\"`]")
 _INPUT = re.compile(r"(?<![\w.])input\b((?:\s*\.\s*[A-Za-z_]\w*)*)")
 
 
@@ -64,6 +69,8 @@ def input_paths(modules: Iterable[tuple[str, str]]) -> tuple[tuple[str, ...], ..
     """The ``input`` paths the policy reads, or None when the cache must stay off."""
     paths: set[tuple[str, ...]] = set()
     for _name, text in modules:
+        if _TEMPLATE.search(text):
+            return None
         code = _code_only(text)
         if _NONDETERMINISTIC.search(code):
             return None
@@ -78,6 +85,14 @@ def input_paths(modules: Iterable[tuple[str, str]]) -> tuple[tuple[str, ...], ..
 
 
 _MISSING = object()
+
+
+def describe(cache: DecisionCache | None) -> str:
+    """One line for the start-up log: whether decisions are cached, and on what."""
+    if cache is None:
+        return "decision cache off (the policy reads input as a whole or calls a clock or network built-in)"
+    keys = ", ".join("input." + ".".join(p) for p in cache.paths) or "nothing (constant policy)"
+    return f"decision cache on, keyed on {keys}"
 
 
 class DecisionCache:
