@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck check demo policy-test clean
+.PHONY: run test lint typecheck check demo policy-test clean bench bench-smoke
 
 $(STAMP): requirements.lock pyproject.toml
 	@test -n "$(PYTHON)" || { echo "no Python >= 3.12 found (set KEYLESS_PYTHON)"; exit 1; }
@@ -23,7 +23,15 @@ test: $(STAMP)
 	$(BIN)/keyless policy test docs/policy-examples
 	$(BIN)/ruff check proxy tests
 	$(BIN)/mypy
+	$(BIN)/python bench/run.py --smoke --out .keyless/bench-smoke >/dev/null
 	$(BIN)/pytest
+
+# The benchmark (docs/benchmarks.md): a few minutes; `make test` runs its smoke mode only.
+bench: $(STAMP)
+	$(BIN)/python bench/run.py
+
+bench-smoke: $(STAMP)
+	$(BIN)/python bench/run.py --smoke
 
 demo: $(STAMP)
 	$(BIN)/keyless demo

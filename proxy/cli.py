@@ -57,6 +57,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         logging.getLogger(noisy).setLevel(max(logging.INFO, logging.getLogger().level))
     try:
         prep = load_and_prepare(Path(args.config))
+        if prep.config.listen.workers > 1:
+            from proxy.workers import run_workers
+
+            return run_workers(prep)
         return asyncio.run(serve(prep))
     except ConfigError as e:
         return _problems(e, args.config)

@@ -61,6 +61,8 @@ class ListenConfig:
     mode: str = "regular"
     # On SIGTERM: stop accepting, let in-flight requests finish for up to this long, then exit.
     drain_seconds: float = 10.0
+    # Processes sharing the port through SO_REUSEPORT (proxy/workers.py); 1 = no fork.
+    workers: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +162,10 @@ def parse_config(raw: Any, source: Path) -> Config:
         port=s.integer("port", 8080, lo=0, hi=65535),
         mode=s.choice("mode", ("regular", "transparent"), "regular"),
         drain_seconds=s.number("drain_seconds", 10.0),
+        workers=s.integer("workers", 1, lo=1, hi=64),
     )
+    if listen.workers > 1 and listen.port == 0:
+        s.error("workers > 1 needs a fixed port: each worker binds it with SO_REUSEPORT", "port")
     s.done()
 
     s = top.section("admin")
@@ -169,6 +174,8 @@ def parse_config(raw: Any, source: Path) -> Config:
         address=s.text("address", "127.0.0.1"),
         port=s.integer("port", 8081, lo=0, hi=65535),
     )
+    if listen.workers > 1 and admin.enabled and admin.port == 0:
+        s.error("listen.workers > 1 needs a fixed admin port: every worker serves it", "port")
     s.done()
 
     s = top.section("tls")

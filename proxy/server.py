@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import ssl
@@ -104,8 +105,12 @@ def probe_policy(engine: EmbeddedEngine) -> None:
         raise PolicyLoadError([e.message]) from None
 
 
-async def serve(prep: Prepared) -> int:
-    """Run until SIGINT/SIGTERM. Returns the process exit code."""
+async def serve(prep: Prepared, *, reuse_port: bool = False) -> int:
+    """Run until SIGINT/SIGTERM. Returns the process exit code.
+
+    ``reuse_port``: bind the proxy and admin ports with SO_REUSEPORT (one of several workers,
+    see proxy/workers.py).
+    """
     from mitmproxy import options
     from mitmproxy.addons import core, errorcheck, next_layer, proxyserver, tlsconfig
     from mitmproxy.master import Master
@@ -158,6 +163,11 @@ async def serve(prep: Prepared) -> int:
         # Ready once mitmproxy listens and the policy engine has answered (OPA: at least once).
         return ready.is_set() and (policy is None or policy.ready())
 
+    if reuse_port:
+        from proxy.workers import enable_reuse_port
+
+        enable_reuse_port()
+
     runner: web.AppRunner | None = None
     if config.admin.enabled:
         from proxy.admin import make_admin_app
@@ -166,7 +176,7 @@ async def serve(prep: Prepared) -> int:
         runner = web.AppRunner(make_admin_app(prep.signer, ca_cert, is_ready, status), access_log=None)
         await runner.setup()
         try:
-            await web.TCPSite(runner, config.admin.address, config.admin.port).start()
+            await web.TCPSite(runner, config.admin.address, config.admin.port, reuse_port=reuse_port or None).start()
         except OSError as e:
             await runner.cleanup()
             where = f"{config.admin.address}:{config.admin.port}"
@@ -180,6 +190,11 @@ async def serve(prep: Prepared) -> int:
     loop.add_signal_handler(signal.SIGTERM, drainer.start)
     log.info("keyless listening on %s:%d (policy revision %s, CA %s)", config.listen.address,
              config.listen.port, prep.engine.revision, ca_cert)
+    # Everything built so far (modules, compiled policy, mitmproxy's option tree: ~100k objects)
+    # lives as long as the process: move it out of the collector's reach so full collections
+    # triggered by per-request garbage do not rescan it.
+    gc.collect()
+    gc.freeze()
     if policy is not None:
         await policy.start()
     try:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import Any, Protocol
 
 
 class AuditSink(Protocol):
@@ -17,20 +18,38 @@ class AuditSink(Protocol):
 
 
 class JsonLinesSink:
-    """Appends to a file (or stdout with ``-``); each record is flushed as one ``write``."""
+    """Appends to a file (or stdout with ``-``); each record goes out as one ``write``.
+
+    The file is opened ``O_APPEND`` and each line written with a single ``write(2)``: with
+    ``listen.workers`` several processes append to the same file, and the kernel keeps each
+    such write whole, so lines from different workers never interleave.
+    """
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._own = path != "-"
+        self._fd = -1
         if self._own:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._out: IO[str] = open(path, "a", encoding="utf-8") if self._own else sys.stdout  # noqa: SIM115
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
 
     def emit(self, record: dict[str, Any]) -> None:
-        self._out.write(json.dumps(record, separators=(",", ":"), default=str) + "\n")
-        self._out.flush()
+        line = _dumps(record) + "\n"
+        if not self._own:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            return
+        data = line.encode()
+        while data:  # a regular file takes it whole; the loop covers a full disk's short write
+            data = data[os.write(self._fd, data):]
 
     def close(self) -> None:
-        self._out.flush()
-        if self._own:
-            self._out.close()
+        if self._own and self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        elif not self._own:
+            sys.stdout.flush()
+
+
+# One encoder, built once: json.dumps with non-default arguments builds a new one per call.
+_dumps = json.JSONEncoder(separators=(",", ":"), default=str).encode

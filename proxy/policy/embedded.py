@@ -26,6 +26,7 @@ from regopy.rego_shared import (
 from proxy.errors import KeylessError
 from proxy.model import Decision
 from proxy.policy import PolicyUnavailable
+from proxy.policy.fastinput import set_input
 from proxy.policy.result import UNDEFINED, parse_decision
 
 # rego-cpp prints diagnostics to stdout by default; Keyless reports them itself, on one line.
@@ -136,7 +137,8 @@ def compile_modules(source: PolicySource, entrypoints: list[str]) -> tuple[regop
 
 def evaluate(interp: regopy.Interpreter, bundle: regopy.Bundle, entry: str, input_doc: Any) -> tuple[bool, Any]:
     """(defined, value) of ``entry`` for ``input_doc``; raises ValueError on an evaluation error."""
-    interp.set_input(regopy.Input(input_doc))
+    # Not regopy.Input(input_doc): its generic converter cost more than the evaluation itself.
+    set_input(interp._impl, input_doc)
     # regopy's Output wrapper raises a bare JSONDecodeError on evaluation errors and drops the
     # message, so read the raw output through the same C API it uses.
     impl = rego_bundle_query_entrypoint(interp._impl, bundle._impl, entry)

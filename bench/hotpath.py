@@ -1,0 +1,126 @@
+"""Per-step cost of Keyless's own work on one request, without the network: microseconds each.
+
+Runs the same calls ``proxy.addon`` makes for a request (describe, attest, authority check,
+policy input, decide, strip + inject, audit) on real mitmproxy Request objects, with the real
+embedded engine, the default policy and a file audit sink, many times over, and reports the
+median of several batches per step. This is where the profile's per-request costs come from in
+docs/benchmarks.md; the end-to-end harness (bench/run.py) shows what they add up to.
+
+    .venv/bin/python bench/hotpath.py [--n 3000] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def build(tmp: Path) -> Any:
+    from proxy.audit import JsonLinesSink
+    from proxy.broker import Broker
+    from proxy.config import parse_config
+    from proxy.server import prepare
+
+    (tmp / "key").write_text("hotpath-static-secret\n")
+    raw = {
+        "listen": {"port": 1}, "tls": {"ca_dir": str(tmp / "ca")}, "policy": {"dir": str(REPO / "policies")},
+        "trust": [{"name": "loopback", "type": "source_ip",
+                   "workloads": [{"cidr": "127.0.0.0/8", "id": "spiffe://demo.local/billing"}]}],
+        "credentials": {"demo-api": {"type": "static", "from": "file", "file": str(tmp / "key")},
+                        "workload-jwt": {"type": "jwt"}},
+        "audit": {"path": str(tmp / "audit.log")},
+    }
+    cfg = parse_config(raw, tmp / "keyless.yaml")
+    prep = prepare(cfg)
+    return Broker(cfg, prep.engine, prep.signer, JsonLinesSink(cfg.audit.path), prep.trust, prep.credentials)
+
+
+async def measure(n: int, batches: int, jwt: bool, cache: bool = True) -> dict[str, float]:
+    from mitmproxy import http
+
+    from proxy.broker import Exchange, check_authority
+    from proxy.model import Source
+    from proxy.trust import Caller
+
+    tmp = Path(tempfile.mkdtemp(prefix="keyless-hotpath-"))
+    broker = build(tmp)
+    if not cache and hasattr(broker.engine, "cache"):
+        broker.engine.cache = None  # every request evaluates the policy
+    method, path = ("POST", "/v1/reports/x") if jwt else ("GET", "/v1/bench?page=2")
+    headers = {"Host": "127.0.0.1:9000", "User-Agent": "keyless-bench", "Accept": "*/*",
+               "Authorization": "Bearer app-own"}
+    times: dict[str, list[float]] = {}
+
+    def clock(name: str, t0: float) -> float:
+        t1 = time.perf_counter()
+        times.setdefault(name, []).append(t1 - t0)
+        return t1
+
+    async def one() -> None:
+        req = http.Request.make(method, "http://127.0.0.1:9000" + path, b"{}" if jwt else b"", headers)
+        t = time.perf_counter()
+        ex = Exchange(Source("127.0.0.1", 50000))
+        broker.describe_request(ex, req.method, req.scheme, req.host, req.port, req.path)
+        t = clock("exchange + describe", t)
+        ex.identity = await broker.attest(Caller("127.0.0.1", 50000))
+        t = clock("attest (source_ip)", t)
+        check_authority(scheme=req.scheme, host=req.host, port=req.port, host_header=req.host_header,
+                        connect=None, tls=False, sni=None)
+        t = clock("authority check", t)
+        doc = broker.policy_input(ex, method=req.method, scheme=req.scheme, host=req.host, port=req.port,
+                                  path=req.path, query=list(req.query.items(multi=True)) if "?" in req.path else [],
+                                  headers=list(req.headers.items(multi=True)))
+        t = clock("policy input", t)
+        await broker.decide(ex, doc)
+        t = clock("decide (embedded Rego)", t)
+        await broker.inject(ex, req)
+        t = clock("strip + inject", t)
+        broker.audit(ex, 200)
+        clock("audit (JSON line to file)", t)
+
+    for _ in range(200):
+        await one()
+    times.clear()
+    per_batch: dict[str, list[float]] = {}
+    for _ in range(batches):
+        times.clear()
+        for _ in range(n // batches):
+            await one()
+        for k, v in times.items():
+            per_batch.setdefault(k, []).append(statistics.mean(v) * 1e6)
+    out = {k: round(statistics.median(v), 1) for k, v in per_batch.items()}
+    out["total"] = round(sum(out.values()), 1)
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=3000)
+    p.add_argument("--batches", type=int, default=5)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--no-cache", action="store_true", help="disable the decision cache: Rego runs every time")
+    args = p.parse_args()
+    results = {name: asyncio.run(measure(args.n, args.batches, jwt, not args.no_cache)) for name, jwt in
+               (("static", False), ("jwt", True))}
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    steps: list[str] = list(results["static"])
+    print("| step | static us | jwt us |\n|---|---:|---:|")
+    for s in steps:
+        print(f"| {s} | {results['static'][s]} | {results['jwt'].get(s, '')} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
