@@ -226,8 +226,9 @@ def parse_config(raw: Any, source: Path) -> Config:
     strip = StripConfig(
         headers=_with_identity(_lower(s.str_list("headers", DEFAULT_STRIP_HEADERS))
                                + _lower(s.str_list("extra_headers", ()))),
-        query_params=s.str_list("query_params", DEFAULT_STRIP_QUERY)
-        + s.str_list("extra_query_params", ()),
+        # Lower-cased: parameter names are matched case-insensitively (?API_KEY= is a key too).
+        query_params=_lower(s.str_list("query_params", DEFAULT_STRIP_QUERY)
+                            + s.str_list("extra_query_params", ())),
         cookies=s.flag("cookies", True),
     )
     s.done()

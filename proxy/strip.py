@@ -26,9 +26,8 @@ def strip_credentials(request: OutboundRequest, config: StripConfig) -> list[str
     if config.query_params and "?" in request.path:
         query = request.query
         # mitmproxy re-parses the URL on every lookup through this view: read the names once.
-        names = set(query)
-        for param in config.query_params:
-            if param in names:
-                del query[param]
-                removed.append(f"?{param}")
+        for name in dict.fromkeys(query):  # each name once, in request order
+            if name.lower() in config.query_params:
+                del query[name]
+                removed.append(f"?{name}")
     return removed

@@ -158,6 +158,14 @@ def test_curl_https_file_secret_injected_and_app_credentials_stripped(env: Env) 
     assert set(rec["stripped"]) == {"authorization", "x-api-key", "cookie", "?api_key"}
 
 
+def test_query_keys_are_stripped_whatever_their_case(env: Env) -> None:
+    r = curl(env.k, env.upstream.url("/v1/invoices?API_KEY=" + APP_SECRET + "&Access_Token=" + APP_SECRET + "&page=3"))
+    assert r.status == 200, r.body
+    got = only_received(env)
+    assert got.query == {"page": ["3"]}
+    assert set(record(env.k, r.decision_id)["stripped"]) >= {"?API_KEY", "?Access_Token"}
+
+
 def test_curl_plain_http_strips_proxy_authorization(env: Env) -> None:
     r = curl(env.k, env.upstream.url("/v1/plain", tls=False), "--proxy-user", f"app:{APP_SECRET}",
              "-H", f"Authorization: Basic {APP_SECRET}")

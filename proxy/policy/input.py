@@ -39,7 +39,7 @@ def build_input(
         hdrs[key] = f"{hdrs[key]}, {value}" if key in hdrs else value
     q: dict[str, list[str]] = {}
     for name, value in query:
-        if name not in secret_params:
+        if name.lower() not in secret_params:
             q.setdefault(name, []).append(value)
     return {
         "source": {"address": source.address, "port": source.port},
