@@ -6,6 +6,7 @@ sections (trust providers, credentials) are validated by their own module's ``pa
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,8 @@ class ListenConfig:
     drain_seconds: float = 10.0
     # Processes sharing the port through SO_REUSEPORT (proxy/workers.py); 1 = no fork.
     workers: int = 1
+    # Request bodies are buffered (SigV4 hashes them); larger ones are refused with 413.
+    max_body_size: str = "64m"
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,7 +166,10 @@ def parse_config(raw: Any, source: Path) -> Config:
         mode=s.choice("mode", ("regular", "transparent"), "regular"),
         drain_seconds=s.number("drain_seconds", 10.0),
         workers=s.integer("workers", 1, lo=1, hi=64),
+        max_body_size=s.text("max_body_size", "64m"),
     )
+    if not re.fullmatch(r"[1-9][0-9]*[kmg]?", listen.max_body_size or "64m"):
+        s.error("must be a size such as 512k, 64m or 1g", "max_body_size")
     if listen.workers > 1 and listen.port == 0:
         s.error("workers > 1 needs a fixed port: each worker binds it with SO_REUSEPORT", "port")
     s.done()

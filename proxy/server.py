@@ -157,6 +157,7 @@ async def serve(prep: Prepared, *, reuse_port: bool = False) -> int:
         # Ask clients for a certificate only when an mtls provider will verify it (mitmproxy
         # itself accepts any certificate; some clients hang up when asked for one they lack).
         request_client_cert=any(p.type == "mtls" for p in config.trust),
+        body_size_limit=config.listen.max_body_size,
     )
 
     def is_ready() -> bool:

@@ -14,6 +14,7 @@ import contextlib
 import secrets
 import socket
 import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +27,7 @@ import jwt
 import pytest
 import requests
 
+from proxy.demo import free_port
 from tests.clients import Reply, aio, curl, proxy_environ, req
 from tests.harness import REPO, Keyless, Upstream, base_config, wait_for_audit
 
@@ -729,3 +731,24 @@ def test_upstream_connect_failure_is_a_json_refusal(env: Env) -> None:
     assert r.status == 502 and rec["outcome"]["status"] == 502
     assert r.decision_id == rec["decision_id"]
     assert r.json()["decision_id"] == rec["decision_id"]
+
+
+def test_request_bodies_over_max_body_size_are_refused(tmp_path: Path, upstream: Upstream) -> None:
+    (tmp_path / "key").write_text("body-limit-canary\n")
+    cfg = base_config(tmp_path, upstream, listen={"address": "127.0.0.1", "port": free_port(),
+                                                  "max_body_size": "1k"},
+                      credentials={"workload-jwt": {"type": "jwt"},
+                                   "demo-api": {"type": "static", "from": "file", "file": str(tmp_path / "key")}})
+    k = Keyless(tmp_path, cfg).start()
+    try:
+        big = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-x", k.proxy_url,
+                              "-X", "POST", "--data-binary", "x" * 4096, upstream.url("/v1/reports", tls=False)],
+                             capture_output=True, text=True, timeout=30)
+        small = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-x", k.proxy_url,
+                                "-X", "POST", "--data-binary", "x" * 100, upstream.url("/v1/reports", tls=False)],
+                               capture_output=True, text=True, timeout=30)
+    finally:
+        k.stop()
+    assert big.stdout == "413"
+    assert small.stdout == "200"
+    assert len(upstream.received) == 1 and len(upstream.received[0].body) == 100
