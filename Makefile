@@ -5,12 +5,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck check demo policy-test clean bench bench-smoke
+.PHONY: run test lint typecheck check demo policy-test clean bench bench-smoke lock
 
-$(STAMP): requirements.lock pyproject.toml
+$(STAMP): requirements-dev.lock pyproject.toml
 	@test -n "$(PYTHON)" || { echo "no Python >= 3.12 found (set KEYLESS_PYTHON)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check --require-hashes -r requirements.lock
+	$(BIN)/pip install --quiet --disable-pip-version-check --require-hashes -r requirements-dev.lock
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $(STAMP)
 
@@ -41,3 +41,10 @@ check: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .keyless
+
+# Regenerate both lock files after changing dependencies in pyproject.toml:
+# requirements.lock is what the image installs, requirements-dev.lock adds the test tools.
+lock:
+	$(BIN)/pip install --quiet uv
+	$(BIN)/uv pip compile pyproject.toml --generate-hashes --python-version 3.12 --python-platform x86_64-unknown-linux-gnu -q -o requirements.lock
+	$(BIN)/uv pip compile pyproject.toml --extra dev --generate-hashes --python-version 3.12 --python-platform x86_64-unknown-linux-gnu -q -o requirements-dev.lock
