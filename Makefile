@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck check demo policy-test clean bench bench-smoke lock
+.PHONY: run test check demo clean bench bench-smoke lock
 
 $(STAMP): requirements-dev.lock pyproject.toml
 	@test -n "$(PYTHON)" || { echo "no Python >= 3.12 found (set KEYLESS_PYTHON)"; exit 1; }
@@ -21,7 +21,7 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/keyless policy test policies
 	$(BIN)/keyless policy test docs/policy-examples
-	$(BIN)/ruff check proxy tests
+	$(BIN)/ruff check proxy tests bench scripts
 	$(BIN)/mypy
 	$(BIN)/python bench/run.py --smoke --out .keyless/bench-smoke >/dev/null
 	$(BIN)/pytest
