@@ -20,9 +20,11 @@ from proxy.credentials import CREDENTIALS, CredentialProvider, Runtime
 from proxy.errors import ConfigError, KeylessError
 from proxy.model import ANONYMOUS, Attestation, Decision, Grant, GrantContext, Identity, OutboundRequest, Source
 from proxy.policy import PolicyEngine, PolicyUnavailable
+from proxy.policy.input import build_input
 from proxy.signing import Signer
 from proxy.strip import strip_credentials
 from proxy.trust import TRUST_PROVIDERS, Caller, TrustProvider
+from proxy.trust.combine import combine, merge_carried
 
 
 @dataclass(slots=True)
@@ -80,8 +82,6 @@ class Broker:
 
     async def attest(self, caller: Caller) -> Identity:
         """Run every trust provider and combine their evidence (see ``proxy.trust.combine``)."""
-        from proxy.trust.combine import combine, merge_carried
-
         found: list[Attestation] = []
         for provider in self.trust:
             att = await provider.attest(caller)
@@ -100,8 +100,6 @@ class Broker:
 
     def policy_input(self, ex: Exchange, *, method: str, scheme: str, host: str, port: int, path: str,
                      query: list[tuple[str, str]], headers: list[tuple[str, str]]) -> dict[str, Any]:
-        from proxy.policy.input import build_input
-
         doc = build_input(
             source=ex.source, identity=ex.identity, method=method, scheme=scheme, host=host, port=port,
             path=path.split("?", 1)[0], query=query, headers=headers,
