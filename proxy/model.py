@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
+import secrets
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -83,10 +85,22 @@ class Grant:
         }
 
 
+# Fingerprints are keyed: a bare SHA-256 of a low-entropy secret (a password, a short API key)
+# in every audit record would let anyone holding the log guess it offline. The key is set once
+# at start from Keyless's signing key (proxy.server.prepare), so the same secret keeps the same
+# fingerprint across the records (and workers) of one deployment.
+_FINGERPRINT_KEY = secrets.token_bytes(32)
+
+
+def set_fingerprint_key(key: bytes) -> None:
+    global _FINGERPRINT_KEY
+    _FINGERPRINT_KEY = key
+
+
 def fingerprint(value: str | bytes) -> str:
-    """A short SHA-256 fingerprint: enough to correlate with the receiving API's logs."""
+    """A short keyed fingerprint: correlates records about one credential, reveals nothing."""
     data = value.encode() if isinstance(value, str) else value
-    return "sha256:" + hashlib.sha256(data).hexdigest()[:16]
+    return "hmac-sha256:" + hmac.new(_FINGERPRINT_KEY, data, hashlib.sha256).hexdigest()[:16]
 
 
 class OutboundRequest(Protocol):

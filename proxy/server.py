@@ -18,6 +18,7 @@ from proxy.ca import ensure_ca
 from proxy.config import Config
 from proxy.credentials import CredentialProvider
 from proxy.errors import ConfigError
+from proxy.model import set_fingerprint_key
 from proxy.policy import PolicyEngine
 from proxy.policy.embedded import EmbeddedEngine, PolicyLoadError
 from proxy.policy.runtime import PolicyRuntime, build_policy
@@ -62,6 +63,7 @@ def prepare(config: Config) -> Prepared:
     if problems:
         raise ConfigError(problems)
     assert signer is not None and policy is not None
+    set_fingerprint_key(signer.derived_key(b"audit-fingerprint"))
     return Prepared(config, signer, policy.engine, trust, credentials, policy)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import json
 import time
 import uuid
@@ -64,6 +65,12 @@ class Signer:
         }
         token = jwt.encode(claims, self._key, algorithm=self.algorithm, headers={"kid": self.kid})
         return token, float(exp)
+
+    def derived_key(self, purpose: bytes) -> bytes:
+        """A secret derived from the signing key, stable for as long as the key is."""
+        der = self._key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption())
+        return hmac.new(der, b"keyless:" + purpose, hashlib.sha256).digest()
 
     def jwks(self) -> dict[str, Any]:
         return {"keys": [self.public_jwk]}

@@ -176,7 +176,7 @@ def test_aws_cli_and_boto3_without_credentials_succeed_through_keyless(tmp_path:
     assert "SecretAccessKey" not in log and "x-amz-security-token" not in log.lower()
     assert "Signature=" not in log + audit
     for r in records:
-        assert r["credential"]["fingerprint"].startswith("sha256:")
+        assert r["credential"]["fingerprint"].startswith("hmac-sha256:")
     assert moto.runtime_creds["AWS_SECRET_ACCESS_KEY"] not in log + audit
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import secrets
 import socket
 import ssl
@@ -495,7 +496,9 @@ def test_audit_record_fields(env: Env) -> None:
     assert rec["decision"]["revision"].startswith("sha256:")
     cred = rec["credential"]
     assert set(cred) == {"name", "type", "expires_at", "fingerprint"}
-    assert cred["fingerprint"].startswith("sha256:") and len(cred["fingerprint"]) == len("sha256:") + 16
+    assert cred["fingerprint"].startswith("hmac-sha256:") and len(cred["fingerprint"]) == len("hmac-sha256:") + 16
+    # Keyed: a bare hash of the secret would let a reader of the audit log test guesses offline.
+    assert hashlib.sha256(env.file_secret.encode()).hexdigest()[:16] not in cred["fingerprint"]
     assert rec["outcome"] == {"status": 200, "error": None, "message": None}
     assert isinstance(rec["latency_ms"], float) and rec["latency_ms"] >= 0
     assert "audit-test" not in str(rec) and APP_SECRET not in str(rec)
