@@ -5,8 +5,9 @@ policy input, decide, strip + inject, audit) on real mitmproxy Request objects, 
 embedded engine, the default policy and a file audit sink, many times over, and reports the
 median of several batches per step. By default the decision is cached: the policy is the default
 one wrapped to add ``cache_ttl`` (as bench/run.py's cached rows); ``--no-cache`` runs the default
-policy as shipped, which sets no ``cache_ttl``, so Rego is evaluated on every request. This is where the profile's per-request costs come from in
-docs/benchmarks.md; the end-to-end harness (bench/run.py) shows what they add up to.
+policy as shipped, which sets no ``cache_ttl``, so Rego is evaluated on every request.
+This is where the profile's per-request costs come from in docs/benchmarks.md; the end-to-end
+harness (bench/run.py) shows what they add up to.
 
     .venv/bin/python bench/hotpath.py [--n 3000] [--json]
 """
@@ -37,9 +38,10 @@ def build(tmp: Path, cache: bool) -> Any:
     from proxy.server import prepare
 
     (tmp / "key").write_text("hotpath-static-secret\n")
+    policy = ({"dir": str(cached_policy_dir(tmp / "policy")), "decision": CACHED_DECISION} if cache
+              else {"dir": str(REPO / "policies")})
     raw = {
-        "listen": {"port": 1}, "tls": {"ca_dir": str(tmp / "ca")}, "policy": ({"dir": str(cached_policy_dir(tmp / "policy")), "decision": CACHED_DECISION} if cache
-                   else {"dir": str(REPO / "policies")}),
+        "listen": {"port": 1}, "tls": {"ca_dir": str(tmp / "ca")}, "policy": policy,
         "trust": [{"name": "loopback", "type": "source_ip",
                    "workloads": [{"cidr": "127.0.0.0/8", "id": "spiffe://demo.local/billing"}]}],
         "credentials": {"demo-api": {"type": "static", "from": "file", "file": str(tmp / "key")},
@@ -112,7 +114,8 @@ def main() -> int:
     p.add_argument("--n", type=int, default=3000)
     p.add_argument("--batches", type=int, default=5)
     p.add_argument("--json", action="store_true")
-    p.add_argument("--no-cache", action="store_true", help="the default policy as shipped (no cache_ttl): Rego runs every time")
+    p.add_argument("--no-cache", action="store_true",
+                   help="the default policy as shipped (no cache_ttl): Rego runs every time")
     args = p.parse_args()
     results = {name: asyncio.run(measure(args.n, args.batches, jwt, not args.no_cache)) for name, jwt in
                (("static", False), ("jwt", True))}
