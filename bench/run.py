@@ -10,7 +10,7 @@ neighbours' load fall on all of them alike. Results are medians over rounds; rat
 within a round and then their median reported. Absolute numbers on a shared machine are noise;
 the ratios are the result. See docs/benchmarks.md.
 
-To benchmark another configuration (an OAuth2 credential, ``engine: opa``), add one Target to
+To benchmark another configuration (as keyless-oauth2 and keyless-opa do), add one Target to
 TARGETS: the Keyless config overrides it needs, and a ``setup`` that starts any stand-in peer.
 A target whose config this build of Keyless rejects is skipped with the reason, not failed.
 """
@@ -57,6 +57,7 @@ class Env:
     upstream_ca: Path
     proxy_ca_dir: Path
     secret_file: Path
+    cached_policy: Path  # the default policy wrapped to add cache_ttl (see cached_policy_dir)
 
     @property
     def proxy_ca(self) -> Path:
@@ -86,16 +87,91 @@ class Target:
     tree: Path | None = None  # run Keyless from another checkout (--compare-tree: before/after)
 
 
-def _static(env: Env) -> dict[str, Any]:
+# Decisions are cached only when the decision carries ``cache_ttl`` (docs/policy.md). The default
+# policy sets none, so the "cached decision" rows run the default policy wrapped by a rule that
+# adds ``cache_ttl`` to its allow decisions, as scripts/policy_latency.py does; the ``-uncached``
+# row runs the default policy as shipped and shows what evaluating Rego on every request costs.
+CACHED_DECISION = "data.keyless.bench.decision"
+WRAPPER = """package keyless.bench
+
+import rego.v1
+
+import data.keyless.egress
+
+# The default decision, plus cache_ttl when it allows: the benchmark's cached-decision rows.
+decision := object.union(egress.decision, {"cache_ttl": 3600}) if egress.decision.allow
+else := egress.decision
+"""
+
+
+def cached_policy_dir(dest: Path) -> Path:
+    shutil.copytree(REPO / "policies", dest)
+    (dest / "bench.rego").write_text(WRAPPER)
+    return dest
+
+
+def _cached(env: Env) -> dict[str, Any]:
+    return {"policy": {"dir": str(env.cached_policy), "decision": CACHED_DECISION}}
+
+
+def _static_uncached(env: Env) -> dict[str, Any]:
     return {"credentials": {"demo-api": {"type": "static", "from": "file", "file": str(env.secret_file)}}}
 
 
+def _static(env: Env) -> dict[str, Any]:
+    return {**_static_uncached(env), **_cached(env)}
+
+
 def _jwt(env: Env) -> dict[str, Any]:
-    return {"credentials": {"workload-jwt": {"type": "jwt", "ttl": 300}}}
+    return {"credentials": {"workload-jwt": {"type": "jwt", "ttl": 300}}, **_cached(env)}
 
 
 def _workers(n: int) -> Callable[[Env], dict[str, Any]]:
     return lambda env: {**_static(env), "listen": {"workers": n}}
+
+
+def _ready(cmd: list[str], what: str) -> subprocess.Popen[bytes]:
+    """Start a stand-in peer that prints ``ready`` once it listens."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if line.strip() != b"ready":
+        stop(proc)
+        raise RuntimeError(f"{what} did not start: {line[:300]!r}")
+    return proc
+
+
+# Ports of the stand-in peers, chosen once per run so that config() and setup() agree.
+_PEER_PORTS: dict[str, int] = {}
+
+
+def _peer_port(name: str) -> int:
+    return _PEER_PORTS.setdefault(name, free_port())
+
+
+def _oauth2(env: Env) -> dict[str, Any]:
+    # The default policy grants GET /v1/* the credential named demo-api: here an OAuth2 client.
+    return {**_cached(env), "credentials": {"demo-api": {
+        "type": "oauth2", "token_url": f"http://127.0.0.1:{_peer_port('token')}/token",
+        "client_id": "keyless-bench", "client_secret_file": str(env.secret_file)}}}
+
+
+def _start_token_endpoint(env: Env) -> list[subprocess.Popen[bytes]]:
+    return [_ready([sys.executable, str(BENCH / "token_endpoint.py"), "--port", str(_peer_port("token")),
+                    "--client-id", "keyless-bench", "--secret-file", str(env.secret_file)],
+                   "bench/token_endpoint.py")]
+
+
+def _opa(env: Env) -> dict[str, Any]:
+    # The default (uncached) decision: every request is one REST call to the stand-in, the cost
+    # this row exists to show. 2 s timeout: at c32 the stand-in queues on a shared 2-core box.
+    return {**_static_uncached(env), "policy": {"engine": "opa", "opa": {
+        "url": f"http://127.0.0.1:{_peer_port('opa')}", "timeout_ms": 2000}}}
+
+
+def _start_opa_standin(env: Env) -> list[subprocess.Popen[bytes]]:
+    return [_ready([sys.executable, "-m", "tests.opa_standin", "--policies", str(REPO / "policies"),
+                    "--port", str(_peer_port("opa"))], "tests/opa_standin.py")]
 
 
 # The table. Add a row here to benchmark a new configuration; see the module docstring.
@@ -104,15 +180,19 @@ TARGETS: list[Target] = [
     Target("mitmdump", "mitmdump", note="bare mitmdump, regular mode, Keyless's options, its default addons"),
     Target("mitm-bare", "bare", note="mitmproxy with Keyless's own short addon list and options, no Keyless addon"),
     Target("keyless-static", "keyless", config=_static,
-           note="source_ip attestation, embedded Rego, static key from a file, audit to a file"),
+           note="source_ip attestation, embedded Rego (decision cached: cache_ttl), static key from a file, "
+                "audit to a file"),
+    Target("keyless-static-uncached", "keyless", config=_static_uncached,
+           note="keyless-static with the default policy as shipped: no cache_ttl, Rego evaluated every request"),
     Target("keyless-jwt", "keyless", method="POST", path="/v1/reports/bench", config=_jwt,
            note="as keyless-static, with a minted ES256 JWT (cached per subject and audience)"),
+    Target("keyless-oauth2", "keyless", config=_oauth2, setup=_start_token_endpoint,
+           note="as keyless-static, with an OAuth2 client-credentials token from bench/token_endpoint.py "
+                "(a stand-in), cached"),
+    Target("keyless-opa", "keyless", config=_opa, setup=_start_opa_standin,
+           note="policy.engine: opa against tests/opa_standin.py (a stand-in for OPA, regopy over REST), "
+                "decision not cached: one REST call per request"),
     Target("keyless-static-2w", "keyless", config=_workers(2), note="keyless-static with listen.workers: 2"),
-    # Examples for the branches in flight (uncomment once they are merged):
-    # Target("keyless-oauth2", "keyless", config=_oauth2, setup=_start_token_endpoint,
-    #        note="client-credentials token from a stand-in token endpoint, cached"),
-    # Target("keyless-opa", "keyless", config=lambda env: {**_static(env), "policy": {"engine": "opa", ...}},
-    #        setup=_start_opa_standin, note="engine: opa against the OPA stand-in"),
 ]
 
 
@@ -468,7 +548,7 @@ def environment(work: Path) -> Iterator[tuple[Env, subprocess.Popen[bytes]]]:
     secret = work / "demo-api-key"
     secret.write_text("bench-static-secret-0123456789\n")
     os.chmod(secret, 0o600)
-    env = Env(work, free_port(), free_port(), ca, work / "ca", secret)
+    env = Env(work, free_port(), free_port(), ca, work / "ca", secret, cached_policy_dir(work / "policy-cached"))
     ensure_ca(env.proxy_ca_dir)  # once, before any proxy starts, so none of them races to create it
     up = subprocess.Popen([sys.executable, str(BENCH / "upstream.py"), "--http-port", str(env.http_port),
                            "--https-port", str(env.https_port), "--cert", str(cert), "--key", str(key)],
