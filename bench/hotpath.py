@@ -4,8 +4,8 @@ Runs the same calls ``proxy.addon`` makes for a request (describe, attest, autho
 policy input, decide, strip + inject, audit) on real mitmproxy Request objects, with the real
 embedded engine, the default policy and a file audit sink, many times over, and reports the
 median of several batches per step. By default the decision is cached: the policy is the default
-one wrapped to add ``cache_ttl`` (as bench/run.py's cached rows); ``--no-cache`` runs the default
-policy as shipped, which sets no ``cache_ttl``, so Rego is evaluated on every request.
+one wrapped to add ``cache_ttl`` (as bench/run.py's cached rows); ``--no-cache`` wraps it to remove
+``cache_ttl``, so Rego is evaluated on every request.
 This is where the profile's per-request costs come from in docs/benchmarks.md; the end-to-end
 harness (bench/run.py) shows what they add up to.
 
@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 
 def build(tmp: Path, cache: bool) -> Any:
-    from run import CACHED_DECISION, cached_policy_dir  # bench/run.py
+    from run import CACHED_DECISION, UNCACHED_DECISION, cached_policy_dir  # bench/run.py
 
     from proxy.audit import JsonLinesSink
     from proxy.broker import Broker
@@ -38,8 +38,8 @@ def build(tmp: Path, cache: bool) -> Any:
     from proxy.server import prepare
 
     (tmp / "key").write_text("hotpath-static-secret\n")
-    policy = ({"dir": str(cached_policy_dir(tmp / "policy")), "decision": CACHED_DECISION} if cache
-              else {"dir": str(REPO / "policies")})
+    policy = {"dir": str(cached_policy_dir(tmp / "policy")),
+              "decision": CACHED_DECISION if cache else UNCACHED_DECISION}
     raw = {
         "listen": {"port": 1}, "tls": {"ca_dir": str(tmp / "ca")}, "policy": policy,
         "trust": [{"name": "loopback", "type": "source_ip",
@@ -115,7 +115,7 @@ def main() -> int:
     p.add_argument("--batches", type=int, default=5)
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-cache", action="store_true",
-                   help="the default policy as shipped (no cache_ttl): Rego runs every time")
+                   help="the default policy without cache_ttl: Rego runs every time")
     args = p.parse_args()
     results = {name: asyncio.run(measure(args.n, args.batches, jwt, not args.no_cache)) for name, jwt in
                (("static", False), ("jwt", True))}

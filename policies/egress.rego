@@ -122,11 +122,15 @@ grants := [
 # Every grant that matches this request, in table order.
 granted := [g | some g in grants; matches(g)]
 
-default decision := {"allow": false, "reason": "no grant allows this call"}
+# Every answer carries cache_ttl: this policy reads only the identity, the request line and
+# posture, which are all in Keyless's decision-cache key (docs/policy.md, "Caching decisions"),
+# so a repeated call skips the evaluation for a minute. Drop it from a decision that reads
+# headers or the clock.
+default decision := {"allow": false, "reason": "no grant allows this call", "cache_ttl": 60}
 
-decision := {"allow": false, "reason": "caller has no attested workload identity"} if {
+decision := {"allow": false, "reason": "caller has no attested workload identity", "cache_ttl": 60} if {
 	anonymous
-} else := {"allow": false, "reason": "workload posture is failing"} if {
+} else := {"allow": false, "reason": "workload posture is failing", "cache_ttl": 60} if {
 	# Present only when policy.posture is configured (a scanner's or EDR's export).
 	input.context.posture.workload.status == "fail"
 } else := {
@@ -134,6 +138,7 @@ decision := {"allow": false, "reason": "caller has no attested workload identity
 	"reason": granted[0].reason,
 	"credential": granted[0].credential,
 	"params": object.get(granted[0], "params", {}),
+	"cache_ttl": 60,
 } if {
 	count(granted) > 0
 } else := {"allow": false, "reason": sprintf("no grant allows %s to %s %s%s", [
@@ -141,7 +146,7 @@ decision := {"allow": false, "reason": "caller has no attested workload identity
 	input.request.method,
 	input.request.host,
 	input.request.path,
-])}
+]), "cache_ttl": 60}
 
 anonymous if {
 	input.identity.id == null

@@ -149,23 +149,29 @@ def test_keyless_with_opa_end_to_end(tmp_path: Path, upstream: Upstream, opa: Op
                                    "workload-jwt": {"type": "jwt"}})
     k = Keyless(tmp_path, cfg).start()
     try:
-        url = upstream.url("/v1/invoices")
+        # The default policy sets cache_ttl, and the path is in the cache key: every request here
+        # names its own path so that each one is really decided by (the stand-in for) OPA.
+        paths = iter(range(100))
+
+        def fresh() -> str:
+            return upstream.url(f"/v1/invoices/{next(paths)}")
+
         # A slow OPA answer for one request is refused within the timeout while others proceed.
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            slow = pool.submit(_curl, k, url, "X-Standin-Fault: slow", "X-Standin-Delay: 6")
-            fast = [pool.submit(_curl, k, url) for _ in range(12)]
+            slow = pool.submit(_curl, k, fresh(), "X-Standin-Fault: slow", "X-Standin-Delay: 6")
+            fast = [pool.submit(_curl, k, fresh()) for _ in range(12)]
             fast_results = [f.result() for f in fast]
             slow_status, slow_body, slow_elapsed = slow.result()
         assert [r[0] for r in fast_results] == [200] * 12
         assert slow_status == 503 and slow_body is not None and slow_body["error"] == "policy_unavailable"
         assert slow_elapsed < 4  # refused at the 0.8 s deadline, long before OPA's 6 s answer
         # The app's own credentials are stripped before the input is built: OPA never sees them.
-        assert _curl(k, url, "Authorization: Bearer canary-app-secret-1", "X-Api-Key: canary-app-secret-2",
+        assert _curl(k, fresh(), "Authorization: Bearer canary-app-secret-1", "X-Api-Key: canary-app-secret-2",
                      "Cookie: s=canary-app-secret-3")[0] == 200
-        assert _curl(k, url, "X-Standin-Fault: 500")[0] == 503
-        assert _curl(k, url, "X-Standin-Fault: malformed")[0] == 503
-        assert _curl(k, url, "X-Standin-Fault: not-json")[0] == 503
-        status, body, _ = _curl(k, url, "X-Standin-Fault: undefined")
+        assert _curl(k, fresh(), "X-Standin-Fault: 500")[0] == 503
+        assert _curl(k, fresh(), "X-Standin-Fault: malformed")[0] == 503
+        assert _curl(k, fresh(), "X-Standin-Fault: not-json")[0] == 503
+        status, body, _ = _curl(k, fresh(), "X-Standin-Fault: undefined")
         assert status == 403 and body is not None and body["error"] == "forbidden"
         ready = requests.get(k.admin_url + "/readyz", timeout=5).json()
     finally:
