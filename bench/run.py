@@ -179,7 +179,8 @@ def _start_token_endpoint(env: Env) -> list[subprocess.Popen[bytes]]:
 def _opa(env: Env) -> dict[str, Any]:
     # The default (uncached) decision: every request is one REST call to the stand-in, the cost
     # this row exists to show. 2 s timeout: at c32 the stand-in queues on a shared 2-core box.
-    return {**_static_uncached(env), "policy": {"engine": "opa", "decision": UNCACHED_DECISION, "opa": {
+    return {**_static_uncached(env), "policy": {
+        "engine": "opa", "dir": str(env.cached_policy), "decision": UNCACHED_DECISION, "opa": {
         "url": f"http://127.0.0.1:{_peer_port('opa')}", "timeout_ms": 2000}}}
 
 

@@ -80,6 +80,26 @@ def scopes_value(value: Any) -> tuple[str, ...] | None:
     return None
 
 
+def param_scopes(ctx: GrantContext, default: tuple[str, ...], provider: str) -> tuple[str, ...]:
+    """``params.scopes`` from the decision, else the configured scopes."""
+    if "scopes" not in ctx.decision.params:
+        return default
+    parsed = scopes_value(ctx.decision.params["scopes"])
+    if parsed is None:
+        raise KeylessError("credential_unavailable", "params.scopes must be a list of strings", provider)
+    return parsed
+
+
+def add_targets(form: dict[str, str], scopes: tuple[str, ...], audience: str | None, resource: str | None) -> None:
+    """The optional scope, audience and resource (RFC 8707) fields of a token request."""
+    if scopes:
+        form["scope"] = " ".join(scopes)
+    if audience:
+        form["audience"] = audience
+    if resource:
+        form["resource"] = resource
+
+
 def param_text(ctx: GrantContext, name: str, default: str | None, provider: str) -> str | None:
     value = ctx.decision.params.get(name, default)
     if value is not None and (not isinstance(value, str) or not value):
@@ -222,23 +242,12 @@ class OAuth2Credential:
     async def _fetch(self, key: tuple[tuple[str, ...], str | None, str | None]) -> Token:
         scopes, audience, resource = key
         form = {"grant_type": "client_credentials"}
-        if scopes:
-            form["scope"] = " ".join(scopes)
-        if audience:
-            form["audience"] = audience
-        if resource:
-            form["resource"] = resource
+        add_targets(form, scopes, audience, resource)
         return await self.client.request_token(form)
 
     def key_for(self, ctx: GrantContext) -> tuple[tuple[str, ...], str | None, str | None]:
         o = self.options
-        scopes = o.scopes
-        if "scopes" in ctx.decision.params:
-            parsed = scopes_value(ctx.decision.params["scopes"])
-            if parsed is None:
-                raise KeylessError("credential_unavailable", "params.scopes must be a list of strings", self.label)
-            scopes = parsed
-        return (scopes, param_text(ctx, "audience", o.audience, self.label),
+        return (param_scopes(ctx, o.scopes, self.label), param_text(ctx, "audience", o.audience, self.label),
                 param_text(ctx, "resource", o.resource, self.label))
 
     async def apply(self, request: OutboundRequest, ctx: GrantContext) -> Grant:

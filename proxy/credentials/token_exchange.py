@@ -18,7 +18,14 @@ from dataclasses import dataclass
 from proxy.confread import Section
 from proxy.credentials import Runtime, header_template, render
 from proxy.credentials.cache import Token, TokenCache
-from proxy.credentials.oauth2 import ClientOptions, OAuthClient, param_text, parse_client, scopes_value
+from proxy.credentials.oauth2 import (
+    ClientOptions,
+    OAuthClient,
+    add_targets,
+    param_scopes,
+    param_text,
+    parse_client,
+)
 from proxy.errors import KeylessError
 from proxy.model import Grant, GrantContext, OutboundRequest, fingerprint
 
@@ -90,12 +97,7 @@ class TokenExchangeCredential:
         if o.actor_token:
             form["actor_token"], _ = self.signer.mint(self.signer.issuer, subject_aud, o.subject_ttl)
             form["actor_token_type"] = JWT_TYPE
-        if audience:
-            form["audience"] = audience
-        if resource:
-            form["resource"] = resource
-        if scopes:
-            form["scope"] = " ".join(scopes)
+        add_targets(form, scopes, audience, resource)
         return await self.client.request_token(form)
 
     def key_for(self, ctx: GrantContext) -> Key:
@@ -103,12 +105,7 @@ class TokenExchangeCredential:
         if subject is None:
             raise KeylessError("credential_unavailable", "no attested workload identity to exchange", self.label)
         o = self.options
-        scopes = o.scopes
-        if "scopes" in ctx.decision.params:
-            parsed = scopes_value(ctx.decision.params["scopes"])
-            if parsed is None:
-                raise KeylessError("credential_unavailable", "params.scopes must be a list of strings", self.label)
-            scopes = parsed
+        scopes = param_scopes(ctx, o.scopes, self.label)
         token_type = param_text(ctx, "requested_token_type", o.requested_token_type, self.label)
         assert token_type is not None
         caller_token = None
