@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -133,21 +135,17 @@ def test_workers_config_errors(tmp_path: Path) -> None:
 
 def test_audit_lines_stay_whole_across_processes(tmp_path: Path) -> None:
     """Two processes appending large records at once: every line parses."""
-    from proxy.audit import JsonLinesSink
-
     path = tmp_path / "audit.log"
-    pids = []
-    for n in range(2):
-        pid = os.fork()
-        if pid == 0:
-            sink = JsonLinesSink(str(path))
-            for i in range(300):
-                sink.emit({"writer": n, "i": i, "pad": "x" * 20000})
-            sink.close()
-            os._exit(0)
-        pids.append(pid)
-    for pid in pids:
-        assert os.waitpid(pid, 0)[1] == 0
+    # Separate interpreters rather than os.fork(): pytest's process has threads (upstream servers).
+    writer = ("import sys\nfrom proxy.audit import JsonLinesSink\n"
+              "sink = JsonLinesSink(sys.argv[1])\n"
+              "for i in range(300):\n"
+              "    sink.emit({'writer': int(sys.argv[2]), 'i': i, 'pad': 'x' * 20000})\n"
+              "sink.close()\n")
+    repo = Path(__file__).resolve().parent.parent
+    procs = [subprocess.Popen([sys.executable, "-c", writer, str(path), str(n)], cwd=repo) for n in range(2)]
+    for proc in procs:
+        assert proc.wait(60) == 0
     lines = path.read_text().splitlines()
     assert len(lines) == 600
     seen = sorted((d["writer"], d["i"]) for d in map(json.loads, lines))
