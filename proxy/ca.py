@@ -23,7 +23,8 @@ def publish_ca(cert: Path, dest: Path) -> None:
     only Keyless mounts.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp")
+    # Per-process name: with listen.workers every worker publishes at start, at the same time.
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
     tmp.write_bytes(cert.read_bytes())
     os.chmod(tmp, 0o644)
     os.replace(tmp, dest)

@@ -170,6 +170,9 @@ def parse_config(raw: Any, source: Path) -> Config:
     )
     if not re.fullmatch(r"[1-9][0-9]*[kmg]?", listen.max_body_size or "64m"):
         s.error("must be a size such as 512k, 64m or 1g", "max_body_size")
+    if listen.workers > 1 and listen.mode == "transparent":
+        s.error("workers > 1 is supported in regular mode only (transparent listeners cannot share the port)",
+                "workers")
     if listen.workers > 1 and listen.port == 0:
         s.error("workers > 1 needs a fixed port: each worker binds it with SO_REUSEPORT", "port")
     s.done()

@@ -138,9 +138,19 @@ def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         ip = ipaddress.ip_address(_norm(host))
     except ValueError:
         return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        # IPv6 forms that carry an IPv4 address (mapped, NAT64, 6to4, compatible) are checked as
+        # that IPv4 address, or ::a9fe:a9fe would slip past a 169.254.0.0/16 rule.
+        if ip.ipv4_mapped is not None:
+            return ip.ipv4_mapped
+        if ip.sixtofour is not None:
+            return ip.sixtofour
+        if ip in _NAT64 or (ip.packed[:12] == bytes(12) and int(ip) > 0xFFFF):
+            return ipaddress.IPv4Address(ip.packed[12:])
     return ip
+
+
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 
 def is_loopback(host: str) -> bool:
@@ -260,18 +270,22 @@ class Egress:
         metadata service. mitmproxy resolves the name again when it connects, so a DNS answer
         that changes in between (rebinding) is not covered; see docs/deployment.md.
         """
-        if not self.config.refused_networks:
-            return
         host, port = _norm(str(address[0])), int(address[1])
         ip = _ip(host)
         if ip is not None:
             addresses = [ip]
-        elif is_loopback(host):
-            return
         else:
-            found = [_ip(a) for a in await self.resolve(host, port)]
+            try:
+                async with asyncio.timeout(5):
+                    found = [_ip(a) for a in await self.resolve(host, port)]
+            except TimeoutError:
+                raise KeylessError("forbidden", f"{host} did not resolve in time") from None
             addresses = [a for a in found if a is not None]
         for a in addresses:
+            # A name may resolve to Keyless itself: that would loop, and the second hop would be
+            # attested as Keyless's own (often trusted) address.
+            if self._is_own(str(a), port):
+                raise KeylessError("forbidden", f"{host} resolves to Keyless's own listener")
             if any(a.version == n.version and a in n for n in self.config.refused_networks):
                 raise KeylessError("forbidden", f"{host} resolves to {a}, in egress.refused_networks")
 

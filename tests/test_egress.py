@@ -7,6 +7,7 @@ origination and the cleartext rule apply there too.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import subprocess
 import sys
 from pathlib import Path
@@ -211,3 +212,32 @@ def test_refused_networks_end_to_end(tmp_path: Path, upstream: Upstream) -> None
         k.stop()
     assert upstream.received == []
     assert "refused_networks" in records[-1]["outcome"]["message"]
+
+
+def test_embedded_ipv4_forms_own_listener_names_and_localhost_are_checked() -> None:
+    async def resolve(host: str, port: int) -> list[str]:
+        # A stand-in for DNS: a public-looking name that points back at this host.
+        return {"loops.example": ["127.0.0.1"], "localhost": ["127.0.0.1"]}.get(host, [])
+
+    e = Egress(EgressConfig(), [("127.0.0.1", 15001)], resolve)
+    for v6 in ("::a9fe:a9fe", "64:ff9b::a9fe:a9fe", "2002:a9fe:a9fe::1", "::ffff:169.254.169.254"):
+        with pytest.raises(KeylessError):
+            asyncio.run(e.check_addresses((v6, 80)))
+    with pytest.raises(KeylessError) as own:
+        asyncio.run(e.check_addresses(("loops.example", 15001)))
+    assert "own listener" in own.value.message
+    asyncio.run(e.check_addresses(("loops.example", 9000)))  # loopback, another port: fine
+    strict = Egress(EgressConfig(refused_networks=(ipaddress.ip_network("127.0.0.0/8"),)),
+                    [("127.0.0.1", 15001)], resolve)
+    with pytest.raises(KeylessError):
+        asyncio.run(strict.check_addresses(("localhost", 9000)))
+
+
+def test_workers_and_transparent_mode_are_refused_together(tmp_path: Path) -> None:
+    from proxy.config import parse_config
+
+    raw = {"listen": {"port": 15001, "mode": "transparent", "workers": 2}, "tls": {"ca_dir": str(tmp_path)},
+           "policy": {"dir": str(REPO / "policies")}}
+    with pytest.raises(ConfigError) as e:
+        parse_config(raw, tmp_path / "k.yaml")
+    assert any(p.startswith("listen.workers:") for p in e.value.problems)

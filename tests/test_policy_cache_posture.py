@@ -249,3 +249,62 @@ def test_cache_end_to_end_never_serves_a_to_b(tmp_path: Path, upstream: Upstream
         ("spiffe://t/a", True, False), ("spiffe://t/a", True, True), ("spiffe://t/b", False, False),
         ("spiffe://t/a", True, True), ("spiffe://t/b", False, True)]
     assert cache["hits"] == 3
+
+
+class _Answers:
+    """An engine whose answers (and revisions) the test scripts: it stands in for OPA's replies."""
+
+    query = QUERY
+
+    def __init__(self) -> None:
+        self.revision = "v1"
+        self.gates: list[asyncio.Event] = []
+        self.next: list[Any] = []
+
+    async def decide(self, input_doc: dict[str, Any]) -> Any:
+        from dataclasses import replace
+
+        from proxy.model import Decision
+
+        revision, gate = self.next.pop(0)
+        if gate is not None:
+            await gate.wait()
+        return replace(Decision(allow=True, reason=revision, cache_ttl=60), revision=revision)
+
+
+def test_cache_never_rolls_back_to_a_revision_replaced_mid_flight() -> None:
+    inner = _Answers()
+    cache = CachingEngine(inner)  # type: ignore[arg-type]
+    a, b = doc("spiffe://t/a"), doc("spiffe://t/b")
+
+    async def main() -> None:
+        gate = asyncio.Event()
+        inner.next = [("v1", gate), ("v2", None)]
+        slow = asyncio.create_task(cache.decide(a))    # asked under v1, answered late
+        await asyncio.sleep(0)
+        assert (await cache.decide(b)).reason == "v2"  # v2 seen: the cache moves on
+        gate.set()
+        assert (await slow).reason == "v1"             # the late answer still serves its request
+        inner.next = [("v2", None)]
+        again = await cache.decide(a)                  # ... but was not cached, nor rolled back
+        assert again.reason == "v2" and not again.cached
+
+    asyncio.run(main())
+
+
+def test_no_caching_without_a_revision_and_posture_age_not_in_the_key() -> None:
+    inner = _Answers()
+    inner.revision = "unknown"
+    cache = CachingEngine(inner)  # type: ignore[arg-type]
+    inner.next = [("unknown", None), ("unknown", None)]
+    asyncio.run(cache.decide(doc("spiffe://t/a")))
+    assert not asyncio.run(cache.decide(doc("spiffe://t/a"))).cached
+
+    inner2 = _Answers()
+    cache2 = CachingEngine(inner2)  # type: ignore[arg-type]
+    inner2.next = [("v1", None)]
+    first, second = doc("spiffe://t/a"), doc("spiffe://t/a")
+    first["context"]["posture"] = {"status": "pass", "stale": False, "age_seconds": 1.0}
+    second["context"]["posture"] = {"status": "pass", "stale": False, "age_seconds": 1.7}
+    asyncio.run(cache2.decide(first))
+    assert asyncio.run(cache2.decide(second)).cached

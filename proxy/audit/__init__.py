@@ -31,15 +31,16 @@ class JsonLinesSink:
         self._fd = -1
         if self._own:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            # 0640: audit records name workloads, destinations and credential fingerprints.
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        else:
+            self._fd = sys.stdout.fileno()
 
     def emit(self, record: dict[str, Any]) -> None:
-        line = _dumps(record) + "\n"
-        if not self._own:
-            sys.stdout.write(line)
-            sys.stdout.flush()
-            return
-        data = line.encode()
+        # Straight to the descriptor (stdout too): one write(2) per record, not TextIOWrapper's
+        # chunks, so records from several workers sharing a pipe stay whole up to PIPE_BUF and
+        # nothing sits in a Python buffer at exit.
+        data = (_dumps(record) + "\n").encode()
         while data:  # a regular file takes it whole; the loop covers a full disk's short write
             data = data[os.write(self._fd, data):]
 
@@ -47,8 +48,6 @@ class JsonLinesSink:
         if self._own and self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        elif not self._own:
-            sys.stdout.flush()
 
 
 # One encoder, built once: json.dumps with non-default arguments builds a new one per call.
