@@ -31,6 +31,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -79,11 +80,16 @@ def run_workers(prep: Prepared) -> int:
     # Installed before forking so a signal arriving mid-fork is not lost; workers reset them.
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    stop_signals = {signal.SIGTERM, signal.SIGINT}
     for index in range(n):
+        # Blocked across the fork: a child must not run the supervisor's handler (and signal
+        # its siblings) before it has reset it; a pending signal is delivered after the reset.
+        signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
         pid = os.fork()
         if pid == 0:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
             code = 1
             try:
                 log.info("worker %d started (pid %d)", index, os.getpid())
@@ -91,20 +97,34 @@ def run_workers(prep: Prepared) -> int:
             except KeyboardInterrupt:
                 code = 0
             except BaseException as e:  # noqa: BLE001 - a worker must exit, never return into the supervisor
-                log.error("worker %d failed: %s", index, e)
+                log.error("worker %d failed: %s", index, type(e).__name__)
             finally:
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(code)
         children[pid] = index
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
     log.info("keyless supervising %d workers on %s:%d", n, prep.config.listen.address, prep.config.listen.port)
 
     code = 0
+    # A worker that outlives its drain period (plus a margin) is killed, so that a stuck one
+    # cannot keep the supervisor (and the pod) from exiting.
+    grace = prep.config.listen.drain_seconds + 5
+    kill_deadline: float | None = None
     while children:
         try:
-            pid, status = os.wait()
+            pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
             break
+        if pid == 0:
+            if stopping:
+                kill_deadline = kill_deadline or time.monotonic() + grace
+                if time.monotonic() > kill_deadline:
+                    for stuck in children:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(stuck, signal.SIGKILL)
+            time.sleep(0.2)
+            continue
         if pid not in children:
             continue
         index = children.pop(pid)
