@@ -172,12 +172,15 @@ class NsKeyless:
     def audit_file(self) -> Path:
         return Path(self.config["audit"]["path"])
 
+    # Capabilities the unprivileged Keyless process keeps (setpriv syntax).
+    caps = "+dac_read_search"
+
     def start(self) -> NsKeyless:
         # Not root: its uid is what the REDIRECT rule skips. The interpreter may live under a
         # directory only root can traverse (/root/.pyenv), hence the one read-search capability.
         self.proc = self.topo.spawn(
             self.ns, "setpriv", f"--reuid={KEYLESS_UID}", f"--regid={KEYLESS_UID}", "--clear-groups",
-            "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search",
+            f"--inh-caps={self.caps}", f"--ambient-caps={self.caps}",
             sys.executable, "-m", "proxy.cli", "run", "-c", str(self.config_file), "--log-level", "debug",
             log=self.log_file)
         admin = f"http://127.0.0.1:{self.config['admin']['port']}/readyz"

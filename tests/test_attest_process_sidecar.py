@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 
 from proxy.demo import free_port
@@ -38,22 +37,7 @@ decision := {"allow": true, "reason": "nobody's curl may call the api"} if {
 class PtraceKeyless(NsKeyless):
     """NsKeyless with CAP_SYS_PTRACE: what reading another uid's /proc/<pid>/fd takes."""
 
-    def start(self) -> PtraceKeyless:
-        caps = "+dac_read_search,+sys_ptrace"
-        self.proc = self.topo.spawn(
-            self.ns, "setpriv", f"--reuid={KEYLESS_UID}", f"--regid={KEYLESS_UID}", "--clear-groups",
-            f"--inh-caps={caps}", f"--ambient-caps={caps}",
-            sys.executable, "-m", "proxy.cli", "run", "-c", str(self.config_file), "--log-level", "debug",
-            log=self.log_file)
-        admin = f"http://127.0.0.1:{self.config['admin']['port']}/readyz"
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"keyless exited {self.proc.returncode}: {self.log_file.read_text()[-3000:]}")
-            if self.topo.exec(self.ns, "curl", "-sf", "-o", "/dev/null", admin).returncode == 0:
-                return self
-            time.sleep(0.2)
-        raise RuntimeError("keyless did not become ready: " + self.log_file.read_text()[-3000:])
+    caps = "+dac_read_search,+sys_ptrace"
 
 
 def test_transparent_sidecar_attributes_the_calling_process(tmp_path: Path) -> None:

@@ -366,18 +366,25 @@ def test_host_header_differs_from_connect_authority_is_421(env: Env) -> None:
     assert "evil.example" in r.json()["message"]
 
 
-def test_sni_differs_from_connect_authority_is_421(env: Env) -> None:
-    """CONNECT to localhost, then a TLS handshake for another name, then a request for localhost."""
-    port = env.upstream.https_port
+@contextlib.contextmanager
+def tls_tunnel(env: Env, port: int, sni: str) -> Iterator[ssl.SSLSocket]:
+    """CONNECT to localhost:``port`` through Keyless, then a TLS handshake naming ``sni``."""
     with socket.create_connection(("127.0.0.1", env.k.config["listen"]["port"]), timeout=10) as raw:
         raw.sendall(f"CONNECT localhost:{port} HTTP/1.1\r\nHost: localhost:{port}\r\n\r\n".encode())
         assert raw.recv(4096).startswith(b"HTTP/1.1 200")
         ctx = ssl.create_default_context(cafile=str(env.k.ca_cert))
-        with ctx.wrap_socket(raw, server_hostname="evil.example") as tls:
-            tls.sendall(f"GET /v1/x HTTP/1.1\r\nHost: localhost:{port}\r\nConnection: close\r\n\r\n".encode())
-            data = b""
-            while chunk := tls.recv(65536):
-                data += chunk
+        with ctx.wrap_socket(raw, server_hostname=sni) as tls:
+            yield tls
+
+
+def test_sni_differs_from_connect_authority_is_421(env: Env) -> None:
+    """CONNECT to localhost, then a TLS handshake for another name, then a request for localhost."""
+    port = env.upstream.https_port
+    with tls_tunnel(env, port, "evil.example") as tls:
+        tls.sendall(f"GET /v1/x HTTP/1.1\r\nHost: localhost:{port}\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := tls.recv(65536):
+            data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1])
     headers = {line.split(b":", 1)[0].strip().lower().decode(): line.split(b":", 1)[1].strip().decode()
@@ -432,28 +439,24 @@ def test_absolute_form_authority_inside_a_tunnel_must_match(env: Env) -> None:
 
 def test_absolute_form_inside_a_tls_tunnel_leaves_in_origin_form(env: Env) -> None:
     port = env.upstream.https_port
-    with socket.create_connection(("127.0.0.1", env.k.config["listen"]["port"]), timeout=10) as raw:
-        raw.sendall(f"CONNECT localhost:{port} HTTP/1.1\r\nHost: localhost:{port}\r\n\r\n".encode())
-        assert raw.recv(4096).startswith(b"HTTP/1.1 200")
-        ctx = ssl.create_default_context(cafile=str(env.k.ca_cert))
-        with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
-            for target, want in ((f"https://evil.example:{port}/v1/t", 421), (f"https://localhost:{port}/v1/t", 200)):
-                env.upstream.received.clear()
-                tls.sendall(f"GET {target} HTTP/1.1\r\nHost: localhost:{port}\r\n\r\n".encode())
-                head = b""
-                while b"\r\n\r\n" not in head:
-                    head += tls.recv(1)
-                length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n")
-                                  if line.lower().startswith(b"content-length")))
-                body = b""
-                while len(body) < length:
-                    body += tls.recv(length - len(body))
-                assert int(head.split(b" ", 2)[1]) == want, (target, head, body)
-                if want == 421:
-                    assert env.upstream.received == []
-                else:
-                    # Forwarded with its checked Host, and the credential, to the tunnel's host.
-                    assert only_received(env).host == f"localhost:{port}"
+    with tls_tunnel(env, port, "localhost") as tls:
+        for target, want in ((f"https://evil.example:{port}/v1/t", 421), (f"https://localhost:{port}/v1/t", 200)):
+            env.upstream.received.clear()
+            tls.sendall(f"GET {target} HTTP/1.1\r\nHost: localhost:{port}\r\n\r\n".encode())
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += tls.recv(1)
+            length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length")))
+            body = b""
+            while len(body) < length:
+                body += tls.recv(length - len(body))
+            assert int(head.split(b" ", 2)[1]) == want, (target, head, body)
+            if want == 421:
+                assert env.upstream.received == []
+            else:
+                # Forwarded with its checked Host, and the credential, to the tunnel's host.
+                assert only_received(env).host == f"localhost:{port}"
 
 
 # --- audit: exactly one line per request, every field, no secrets ----------------------------
