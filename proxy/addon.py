@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import logging
 import traceback
+import weakref
 from typing import Any
 
 from mitmproxy import http, tcp
 from mitmproxy.proxy import server_hooks
 
 from proxy.broker import Broker, Exchange, check_authority
-from proxy.egress import Egress
+from proxy.egress import Egress, Pin, describe_peer
 from proxy.errors import KeylessError
 from proxy.model import Attestation, Source
 from proxy.paths import check_path
@@ -56,9 +57,12 @@ class KeylessAddon:
         listen = broker.config.listen
         self.egress = Egress(broker.config.egress, [(listen.address, listen.port)])
         self.transparent = listen.mode == "transparent"
-        # Upstream (host, port) pairs an allowed request asked for, per client connection:
-        # server_connect opens nothing else.
-        self._allowed: dict[str, set[tuple[str, int]]] = {}
+        # Upstream (host, port) pairs an allowed request asked for, per client connection, each
+        # with the checked addresses it resolved to: server_connect opens nothing else, and dials
+        # the pinned address, never the name.
+        self._allowed: dict[str, dict[tuple[str, int], Pin]] = {}
+        # The name a server connection was opened for while its address is the pinned literal.
+        self._dialling: weakref.WeakKeyDictionary[Any, tuple[str, int]] = weakref.WeakKeyDictionary()
         # Decision ids of requests not yet audited: what a SIGTERM drain waits for.
         self.inflight: set[str] = set()
 
@@ -110,14 +114,37 @@ class KeylessAddon:
     async def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         # Runs before any byte reaches the upstream; setting server.error aborts the connection.
         try:
-            self.egress.check_connect(data.server.address, self._allowed.get(data.client.id, set()))
-            assert data.server.address is not None
-            await self.egress.check_addresses(data.server.address)
+            pin = self.egress.dial_target(data.server.address, self._allowed.get(data.client.id, {}))
+            name = data.server.address
+            assert name is not None
+            # mitmproxy dials server.address with asyncio.open_connection, which would resolve a
+            # name again: give it the checked literal. SNI and the certificate check use server.sni,
+            # which mitmproxy set to the name (set it here if not, as tls_start_server would).
+            if data.server.tls and data.server.sni is None:
+                data.server.sni = data.client.sni or name[0]
+            data.server.address = pin.address
+            self._dialling[data.server] = name
         except KeylessError as e:
             log.warning("refused upstream connection from %s: %s", data.client.peername, e.message)
             data.server.error = f"keyless: {e.message}"
         except Exception as e:  # noqa: BLE001
             data.server.error = f"keyless: {_internal('server_connect', e).message}"
+
+    def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
+        # Back to the name: mitmproxy reuses a connection whose address equals the request's
+        # (host, port), so it keeps serving that name only, and only from the checked address.
+        self._restore_name(data)
+
+    def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
+        self._restore_name(data)
+
+    def _restore_name(self, data: server_hooks.ServerConnectionHookData) -> None:
+        name = self._dialling.pop(data.server, None)
+        if name is not None:
+            # Server.__setattr__ refuses a new address on an open connection, because changing it
+            # would not move the socket; here it must not move: the socket stays on the checked
+            # literal (peername) and only the label that reuse matches on goes back to the name.
+            object.__setattr__(data.server, "address", name)
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         addr = flow.client_conn.peername
@@ -180,8 +207,11 @@ class KeylessAddon:
             self.egress.check_injection(
                 credential=ex.decision.credential, scheme=req.scheme, host=name, port=req.port,
                 transparent_tls_without_sni=self.transparent and client.tls_established and not client.sni)
+            # Resolve once, check every answer (refused networks, Keyless itself): the upstream
+            # connection dials this pin. Before inject, so no credential is minted for a refusal.
+            pin = await self.egress.check_addresses((req.host, req.port))
             await self.broker.inject(ex, req)
-            self._allowed.setdefault(client.id, set()).add(Egress.allow_key(req.host, req.port))
+            self._allowed.setdefault(client.id, {})[Egress.allow_key(req.host, req.port)] = pin
         except KeylessError as e:
             self._refuse(flow, ex, e)
         except Exception as e:  # noqa: BLE001
@@ -196,6 +226,7 @@ class KeylessAddon:
         ex: Exchange | None = flow.metadata.get(_STATE)
         if ex is not None and flow.response is not None:
             flow.response.headers[DECISION_HEADER] = ex.decision_id
+            self._note_upstream(ex, flow)
             self._audit(ex, flow.response.status_code)
 
     def error(self, flow: http.HTTPFlow) -> None:
@@ -205,7 +236,15 @@ class KeylessAddon:
         if ex.error is None and flow.error is not None:
             # Not a refusal: the request was allowed but the client or the upstream went away.
             ex.failure = flow.error.msg
+        self._note_upstream(ex, flow)
         self._audit(ex, flow.response.status_code if flow.response else None)
+
+    @staticmethod
+    def _note_upstream(ex: Exchange, flow: http.HTTPFlow) -> None:
+        # The audit record names the address Keyless really dialled (request.upstream_address).
+        peer = describe_peer(flow.server_conn.peername if flow.server_conn else None)
+        if peer is not None:
+            ex.request["upstream_address"] = peer
 
     def tcp_start(self, flow: tcp.TCPFlow) -> None:
         # Keyless brokers HTTP only; a raw tunnel would carry traffic no policy has seen.

@@ -17,6 +17,20 @@ table of contents:
   any connection that no allowed request on the same client connection asked for. With the
   lazy connection strategy that last rule is what guarantees that mitmproxy's transparent mode,
   which knows its destination before any HTTP hook ran, never relays undecided traffic.
+* ``Egress.pin``: the address a connection goes to is the address that was checked. The name
+  is resolved once, every answer is checked against ``refused_networks`` and Keyless's own
+  listeners, and the upstream connection dials exactly one of those checked addresses, while
+  TLS SNI, certificate verification and the Host header keep the name. Without the pin
+  mitmproxy would resolve the name a second time to connect, and a name whose answer changes
+  between lookups (DNS rebinding, TTL 0) would pass the check with a public address and
+  deliver the credential to 169.254.169.254.
+
+  An answer that mixes allowed and refused addresses refuses the name rather than dialling
+  only the allowed ones. No legitimate public name needs a metadata or link-local address in
+  its answer, so such an answer is evidence that someone steers the name; refusing keeps the
+  outcome independent of answer order and of which worker resolved, and the refusal (with
+  the offending address) lands in the audit log instead of a silent filter hiding the probe.
+  An operator whose internal names legitimately mix ranges narrows ``refused_networks``.
 """
 
 from __future__ import annotations
@@ -24,8 +38,9 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Container, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from proxy.confread import Section
 from proxy.errors import KeylessError
@@ -58,6 +73,57 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 DEFAULT_REFUSED_NETWORKS: tuple[Network, ...] = tuple(ipaddress.ip_network(n) for n in (
     "169.254.0.0/16", "fe80::/10", "fd00:ec2::254/128", "100.100.100.200/32", "0.0.0.0/8", "::/128",
 ))
+
+
+RESOLVE_TIMEOUT = 5.0  # seconds; a resolver that never answers must not hold a request forever
+
+
+@dataclass(frozen=True, slots=True)
+class Pin:
+    """Where a connection to ``host:port`` goes: the answers of one resolution, every one checked.
+
+    Only ``Egress.check_addresses`` makes one. ``address`` is the one address Keyless dials: the
+    first answer in resolver order (getaddrinfo already sorts by RFC 6724). The others are kept
+    for the record; mitmproxy dials a single literal, so there is no fallback between them.
+    """
+
+    host: str
+    port: int
+    addresses: tuple[str, ...]
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.addresses[0], self.port
+
+
+def screen(host: str, port: int, answers: Iterable[str], refused: Iterable[Network],
+           is_own: Callable[[str, int], bool]) -> tuple[str, ...]:
+    """Every answer for ``host`` checked, in order; any refused one refuses the name.
+
+    Refusing the whole answer (instead of dialling only its allowed part) is deliberate: see the
+    module docstring. An answer that is not an address literal is refused too, since it cannot
+    be checked, and so is an empty answer.
+    """
+    networks = tuple(refused)
+    checked: list[str] = []
+    for answer in answers:
+        try:
+            literal = ipaddress.ip_address(_norm(answer))
+        except ValueError:
+            raise KeylessError("forbidden", f"{host} resolves to something that is not an address") from None
+        a = _ip(str(literal))
+        assert a is not None  # a literal always parses; _ip only unwraps embedded IPv4
+        # A name may resolve to Keyless itself: that would loop, and the second hop would be
+        # attested as Keyless's own (often trusted) address.
+        if is_own(str(a), port):
+            raise KeylessError("forbidden", f"{host} resolves to Keyless's own listener")
+        if any(a.version == n.version and a in n for n in networks):
+            raise KeylessError("forbidden", f"{host} resolves to {a}, in egress.refused_networks")
+        if str(literal) not in checked:
+            checked.append(str(literal))
+    if not checked:
+        raise KeylessError("upstream_unreachable", f"{host} resolves to no address")
+    return tuple(checked)
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,7 +317,7 @@ class Egress:
                 return True
         return False
 
-    def check_connect(self, address: tuple[str, int] | None, allowed: set[tuple[str, int]]) -> None:
+    def check_connect(self, address: tuple[str, int] | None, allowed: Container[tuple[str, int]]) -> None:
         """May Keyless open a connection to ``address``? Called before the connection exists."""
         if address is None:
             raise KeylessError("forbidden", "upstream connection without a destination")
@@ -263,35 +329,52 @@ class Egress:
         if (host, port) not in allowed:
             raise KeylessError("forbidden", f"no allowed request asked for a connection to {host}:{port}")
 
-    async def check_addresses(self, address: tuple[str, int]) -> None:
-        """Refuse a destination whose addresses fall in ``refused_networks`` (metadata, link-local).
+    def dial_target(self, address: tuple[str, int] | None, pins: Mapping[tuple[str, int], Pin]) -> Pin:
+        """``check_connect``, then the pin the allowed request recorded: the address to dial.
 
-        The policy allowed a name; this stops that name from resolving to an instance
-        metadata service. mitmproxy resolves the name again when it connects, so a DNS answer
-        that changes in between (rebinding) is not covered; see docs/deployment.md.
+        ``pins`` maps each (host, port) an allowed request on this client connection asked for
+        to the pin ``check_addresses`` made for it; there is no second resolution here.
+        """
+        self.check_connect(address, pins)
+        assert address is not None  # check_connect refuses None
+        return pins[self.allow_key(*address)]
+
+    async def check_addresses(self, address: tuple[str, int]) -> Pin:
+        """Resolve ``address`` once and check every answer; the result is what Keyless may dial.
+
+        Refuses (``forbidden``) when any answer is in ``refused_networks`` or is Keyless's own
+        listener, and (``upstream_unreachable``) when the name does not resolve. The caller
+        connects to ``Pin.address`` and never resolves the name again.
         """
         host, port = _norm(str(address[0])), int(address[1])
-        ip = _ip(host)
-        if ip is not None:
-            addresses = [ip]
+        if _ip(host) is not None:
+            answers = [host]
         else:
             try:
-                async with asyncio.timeout(5):
-                    found = [_ip(a) for a in await self.resolve(host, port)]
+                async with asyncio.timeout(RESOLVE_TIMEOUT):
+                    answers = await self.resolve(host, port)
             except TimeoutError:
-                raise KeylessError("forbidden", f"{host} did not resolve in time") from None
-            addresses = [a for a in found if a is not None]
-        for a in addresses:
-            # A name may resolve to Keyless itself: that would loop, and the second hop would be
-            # attested as Keyless's own (often trusted) address.
-            if self._is_own(str(a), port):
-                raise KeylessError("forbidden", f"{host} resolves to Keyless's own listener")
-            if any(a.version == n.version and a in n for n in self.config.refused_networks):
-                raise KeylessError("forbidden", f"{host} resolves to {a}, in egress.refused_networks")
+                raise KeylessError("upstream_unreachable", f"{host} did not resolve in time") from None
+            except UnicodeError:
+                raise KeylessError("bad_request", f"{host!r} is not a valid host name") from None
+            except OSError as e:
+                raise KeylessError("upstream_unreachable", f"{host} does not resolve ({type(e).__name__})") from None
+        return Pin(host, port, screen(host, port, answers, self.config.refused_networks, self._is_own))
 
     @staticmethod
     def allow_key(host: str, port: int) -> tuple[str, int]:
         return _norm(host), int(port)
+
+
+def describe_peer(peername: tuple[Any, ...] | None) -> dict[str, Any] | None:
+    """The audit form of the address an upstream socket is connected to (None: never connected).
+
+    Read from the socket itself (mitmproxy's ``server_conn.peername``), so a reused connection
+    reports the address it was really opened to, not the answer of this request's lookup.
+    """
+    if not peername:
+        return None
+    return {"address": str(peername[0]), "port": int(peername[1])}
 
 
 def _is_local_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
