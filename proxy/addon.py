@@ -61,8 +61,8 @@ class KeylessAddon:
         # with the checked addresses it resolved to: server_connect opens nothing else, and dials
         # the pinned address, never the name.
         self._allowed: dict[str, dict[tuple[str, int], Pin]] = {}
-        # The name a server connection was opened for while its address is the pinned literal.
-        self._dialling: weakref.WeakKeyDictionary[Any, tuple[str, int]] = weakref.WeakKeyDictionary()
+        # While a server connection dials: the name it was opened for, and its reserved dial name.
+        self._dialling: weakref.WeakKeyDictionary[Any, tuple[tuple[str, int], str]] = weakref.WeakKeyDictionary()
         # Decision ids of requests not yet audited: what a SIGTERM drain waits for.
         self.inflight: set[str] = set()
 
@@ -117,13 +117,15 @@ class KeylessAddon:
             pin = self.egress.dial_target(data.server.address, self._allowed.get(data.client.id, {}))
             name = data.server.address
             assert name is not None
-            # mitmproxy dials server.address with asyncio.open_connection, which would resolve a
-            # name again: give it the checked literal. SNI and the certificate check use server.sni,
-            # which mitmproxy set to the name (set it here if not, as tls_start_server would).
+            # mitmproxy dials server.address with asyncio.open_connection, which would resolve the
+            # name again: give it a reserved name that only the pin's checked addresses answer
+            # (egress.DialNames). SNI and the certificate check use server.sni, which mitmproxy
+            # set to the name (set it here if not, as tls_start_server would).
             if data.server.tls and data.server.sni is None:
                 data.server.sni = data.client.sni or name[0]
-            data.server.address = pin.address
-            self._dialling[data.server] = name
+            dial = self.egress.dial_names.name_for(pin)
+            data.server.address = (dial, pin.port)
+            self._dialling[data.server] = (name, dial)
         except KeylessError as e:
             log.warning("refused upstream connection from %s: %s", data.client.peername, e.message)
             data.server.error = f"keyless: {e.message}"
@@ -139,11 +141,13 @@ class KeylessAddon:
         self._restore_name(data)
 
     def _restore_name(self, data: server_hooks.ServerConnectionHookData) -> None:
-        name = self._dialling.pop(data.server, None)
-        if name is not None:
+        dialled = self._dialling.pop(data.server, None)
+        if dialled is not None:
+            name, dial = dialled
+            self.egress.dial_names.forget(dial)
             # Server.__setattr__ refuses a new address on an open connection, because changing it
             # would not move the socket; here it must not move: the socket stays on the checked
-            # literal (peername) and only the label that reuse matches on goes back to the name.
+            # address (peername) and only the label that reuse matches on goes back to the name.
             object.__setattr__(data.server, "address", name)
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:

@@ -37,7 +37,9 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import secrets
 import socket
+import weakref
 from collections.abc import Awaitable, Callable, Container, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -82,9 +84,9 @@ RESOLVE_TIMEOUT = 5.0  # seconds; a resolver that never answers must not hold a 
 class Pin:
     """Where a connection to ``host:port`` goes: the answers of one resolution, every one checked.
 
-    Only ``Egress.check_addresses`` makes one. ``address`` is the one address Keyless dials: the
-    first answer in resolver order (getaddrinfo already sorts by RFC 6724). The others are kept
-    for the record; mitmproxy dials a single literal, so there is no fallback between them.
+    Only ``Egress.check_addresses`` makes one. The connection tries ``addresses`` in resolver
+    order (getaddrinfo sorts them by RFC 6724) until one accepts, through ``DialNames``, and
+    tries nothing else; ``address`` is the first, the one a single-address dial would use.
     """
 
     host: str
@@ -94,6 +96,75 @@ class Pin:
     @property
     def address(self) -> tuple[str, int]:
         return self.addresses[0], self.port
+
+
+# Reserved names that stand for a pin while mitmproxy dials it; ``.invalid`` never resolves
+# anywhere (RFC 6761), so only the loop resolver DialNames installs can answer one.
+PIN_SUFFIX = ".pin.keyless.invalid"
+
+AddrInfo = tuple[socket.AddressFamily, socket.SocketKind, int, str, tuple[Any, ...]]
+
+
+class DialNames:
+    """Hands a pin to mitmproxy's dial without giving it a name it could resolve again.
+
+    mitmproxy connects with ``asyncio.open_connection(host, port)``, which tries every address
+    the loop's ``getaddrinfo`` returns, in order, until one accepts. A literal would keep only
+    one address and lose that fallback (``localhost`` answers ``::1`` first; an upstream that
+    listens on 127.0.0.1 only then becomes unreachable); the name would be resolved again, which
+    is the rebinding hole. So the dial gets ``<random>.pin.keyless.invalid``, and the running
+    loop's ``getaddrinfo``, wrapped once by ``name_for``, answers such a name with the pin's
+    checked addresses and nothing else. A name that is not (or no longer) in the table does
+    not resolve: a lost pin fails closed. Other names go to the original resolver unchanged.
+    """
+
+    def __init__(self) -> None:
+        self._pins: dict[str, Pin] = {}
+        self._loops: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+
+    def name_for(self, pin: Pin) -> str:
+        """A fresh reserved name for ``pin``; call ``forget`` once the dial is over."""
+        self._install(asyncio.get_running_loop())
+        name = f"{secrets.token_hex(8)}{PIN_SUFFIX}"
+        self._pins[name] = pin
+        return name
+
+    def forget(self, name: str) -> None:
+        self._pins.pop(name, None)
+
+    def __len__(self) -> int:
+        return len(self._pins)
+
+    def answer(self, name: str, port: int, family: int = 0) -> list[AddrInfo]:
+        """The addrinfo list for a reserved name: the pin's addresses, in order, numeric only."""
+        pin = self._pins.get(name.lower())
+        if pin is None:
+            raise socket.gaierror(socket.EAI_NONAME, "keyless: no pinned address for this dial")
+        infos: list[AddrInfo] = []
+        for address in pin.addresses:
+            # AI_NUMERICHOST: a literal in, a sockaddr out (scope ids included), never a lookup.
+            infos.extend(socket.getaddrinfo(address, port, family, socket.SOCK_STREAM, socket.IPPROTO_TCP,
+                                            socket.AI_NUMERICHOST))
+        if not infos:
+            raise socket.gaierror(socket.EAI_FAMILY, "keyless: no pinned address of this family")
+        return infos
+
+    def _install(self, loop: asyncio.AbstractEventLoop) -> None:
+        if loop in self._loops:
+            return
+        original = loop.getaddrinfo
+
+        async def getaddrinfo(host: Any, port: Any, *, family: int = 0, type: int = 0, proto: int = 0,
+                              flags: int = 0) -> list[Any]:
+            if isinstance(host, bytes):
+                host = host.decode("ascii", "replace")
+            if isinstance(host, str) and host.lower().rstrip(".").endswith(PIN_SUFFIX):
+                return self.answer(host.lower().rstrip("."), int(port), family)
+            return await original(host, port, family=family, type=type, proto=proto, flags=flags)
+
+        # An instance attribute: asyncio's create_connection resolves with loop.getaddrinfo.
+        setattr(loop, "getaddrinfo", getaddrinfo)  # noqa: B010 - mypy refuses assigning to a method
+        self._loops.add(loop)
 
 
 def screen(host: str, port: int, answers: Iterable[str], refused: Iterable[Network],
@@ -251,6 +322,7 @@ class Egress:
         # that dialled the transparent port directly (its "original destination" is Keyless).
         self._own = tuple((_ip(host), port) for host, port in listen)
         self._refused = frozenset(config.refused_ports)
+        self.dial_names = DialNames()
 
     async def transparent_host(self, *, dst: tuple[str, int], tls: bool, sni: str | None,
                                host_header: str | None) -> str:
@@ -347,6 +419,8 @@ class Egress:
         connects to ``Pin.address`` and never resolves the name again.
         """
         host, port = _norm(str(address[0])), int(address[1])
+        if host.endswith(PIN_SUFFIX):
+            raise KeylessError("bad_request", f"{host} is a name Keyless reserves for its own dials")
         if _ip(host) is not None:
             answers = [host]
         else:

@@ -5,10 +5,12 @@ One network namespace holds everything (no address exists outside it):
     lo  127.0.0.1        Keyless (as uid 10001) and curl, the app
         10.200.53.53     the DNS server this test controls (tests.netns_dns), TTL 0
         10.200.53.7      the "public" upstream: HTTPS and HTTP, records every request
+        10.200.53.8      nothing listens (a dead address in a multi-address answer)
         169.254.169.254  the "metadata service": the same upstream program, counts accepts
 
 ``rebind.test`` alternates between 10.200.53.7 and 169.254.169.254 on every A query;
-``mixed.test`` answers both addresses in one response (in both orders). ``ip netns exec`` puts
+``mixed.test`` answers both addresses in one response (in both orders); ``dual.test`` answers
+a dead address and the public one, both allowed. ``ip netns exec`` puts
 the namespace's resolv.conf in place, so Keyless's system resolver asks our server. Before the
 pin, Keyless checked one lookup and mitmproxy dialled another: every second request delivered
 the credential to 169.254.169.254.
@@ -31,6 +33,7 @@ from tests.netns import NsKeyless, NsUpstream, Topology, require_netns, sh
 
 CANARY = "canary-rebind-3c71e9a0d4"
 PUBLIC, METADATA, DNS = "10.200.53.7", "169.254.169.254", "10.200.53.53"
+DEAD = "10.200.53.8"  # an address with no listener: connecting to it is refused
 
 POLICY = """package keyless.egress
 
@@ -39,7 +42,7 @@ import rego.v1
 default decision := {"allow": false, "reason": "not granted"}
 
 decision := {"allow": true, "reason": "app may call the test api", "credential": "api-key"} if {
-	input.request.host in {"rebind.test", "mixed.test"}
+	input.request.host in {"rebind.test", "mixed.test", "dual.test"}
 }
 """
 
@@ -77,20 +80,22 @@ def rebind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rebind]:
     try:
         ns = topo.ns("dns")
         # On the namespace's own loopback device: local addresses, reachable from nowhere else.
-        for addr in (f"{DNS}/32", f"{PUBLIC}/32", f"{METADATA}/32"):
+        for addr in (f"{DNS}/32", f"{PUBLIC}/32", f"{METADATA}/32", f"{DEAD}/32"):
             sh("ip", "-n", ns, "addr", "add", addr, "dev", "lo")
         (Path("/etc/netns") / ns / "resolv.conf").write_text(
             f"nameserver {DNS}\noptions timeout:2 attempts:2\n")
         dns_events = tmp / "dns.jsonl"
         topo.spawn(ns, sys.executable, "-m", "tests.netns_dns", "--events", str(dns_events), "--listen", DNS,
                    f"--name=rebind.test={PUBLIC}/{METADATA}",
-                   f"--name=mixed.test={PUBLIC},{METADATA}/{METADATA},{PUBLIC}", log=tmp / "dns.log")
+                   f"--name=mixed.test={PUBLIC},{METADATA}/{METADATA},{PUBLIC}",
+                   f"--name=dual.test={DEAD},{PUBLIC}", log=tmp / "dns.log")
         deadline = time.monotonic() + 20
         while not (dns_events.exists() and '"ready"' in dns_events.read_text()):
             assert time.monotonic() < deadline, (tmp / "dns.log").read_text()
             time.sleep(0.1)
         # One upstream program on both addresses: the metadata one only ever counts accepts.
-        upstream = NsUpstream(topo, ns, tmp / "upstream", [PUBLIC, METADATA], ("rebind.test", "mixed.test"))
+        upstream = NsUpstream(topo, ns, tmp / "upstream", [PUBLIC, METADATA],
+                              ("rebind.test", "mixed.test", "dual.test"))
         policies = tmp / "policies"
         policies.mkdir()
         (policies / "egress.rego").write_text(POLICY)
@@ -184,3 +189,17 @@ def test_a_mixed_answer_refuses_the_name(rebind: Rebind) -> None:
         assert refusal["error"] == "forbidden" and METADATA in refusal["message"]
     assert not [r for r in rebind.upstream.requests() if r["host"] == "mixed.test"]
     assert [len(q["answer"]) for q in rebind.queries("mixed.test")] == [2] * 4
+
+
+def test_a_multi_address_answer_falls_back_only_to_checked_addresses(rebind: Rebind) -> None:
+    """The dial tries the pin's addresses in order, as asyncio does for a name, and nothing else."""
+    results: list[tuple[int, str]] = []
+    for i in range(3):
+        results += rebind.curl(f"https://dual.test/v1/{i}")
+    assert [s for s, _ in results] == [200] * 3, results
+    got = [r for r in rebind.upstream.requests() if r["host"] == "dual.test"]
+    assert len(got) == 3 and all(r["listener"] == f"{PUBLIC}:443" for r in got)
+    assert len(rebind.queries("dual.test")) == 3 and rebind.accepts(METADATA) == 0
+    records = rebind.keyless.wait_audit(len(rebind.keyless.audit()))
+    dual = [r for r in records if r["request"]["host"] == "dual.test"]
+    assert [r["request"]["upstream_address"]["address"] for r in dual] == [PUBLIC] * 3

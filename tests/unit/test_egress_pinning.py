@@ -13,7 +13,16 @@ import socket
 
 import pytest
 
-from proxy.egress import DEFAULT_REFUSED_NETWORKS, Egress, EgressConfig, Pin, describe_peer, screen
+from proxy.egress import (
+    DEFAULT_REFUSED_NETWORKS,
+    PIN_SUFFIX,
+    DialNames,
+    Egress,
+    EgressConfig,
+    Pin,
+    describe_peer,
+    screen,
+)
 from proxy.errors import KeylessError
 
 NETS = DEFAULT_REFUSED_NETWORKS + (ipaddress.ip_network("10.0.0.0/8"),)
@@ -98,7 +107,7 @@ def test_the_dial_target_is_the_pin_an_allowed_request_recorded() -> None:
     pin = Pin("api.test", 443, ("192.0.2.7", "192.0.2.8"))
     pins = {("api.test", 443): pin}
     assert e.dial_target(("API.test", 443), pins) is pin
-    assert pin.address == ("192.0.2.7", 443)  # one address: mitmproxy gets a literal, tries nothing else
+    assert pin.address == ("192.0.2.7", 443)  # the first; DialNames offers the rest as fallback
     for address in (("api.test", 8443), ("other.test", 443), None):
         with pytest.raises(KeylessError):
             e.dial_target(address, pins)
@@ -108,3 +117,45 @@ def test_the_audit_form_of_the_dialled_address() -> None:
     assert describe_peer(("192.0.2.7", 443)) == {"address": "192.0.2.7", "port": 443}
     assert describe_peer(("2001:db8::7", 443, 0, 0)) == {"address": "2001:db8::7", "port": 443}
     assert describe_peer(None) is None
+
+
+def test_a_dial_name_connects_only_to_the_pinned_addresses_in_order() -> None:
+    """The reserved name mitmproxy dials: the pin's addresses with fallback, and nothing else."""
+
+    async def run() -> None:
+        accepted: list[str] = []
+
+        async def on_accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            accepted.append(writer.get_extra_info("sockname")[0])
+            writer.close()
+
+        server = await asyncio.start_server(on_accept, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        names = DialNames()
+        # 127.0.0.2 is loopback with nothing listening on this port: refused, so the dial moves on.
+        name = names.name_for(Pin("api.test", port, ("127.0.0.2", "127.0.0.1")))
+        assert name.endswith(PIN_SUFFIX) and len(names) == 1
+        reader, writer = await asyncio.open_connection(name, port)
+        assert writer.get_extra_info("peername")[0] == "127.0.0.1"
+        writer.close()
+        names.forget(name)
+        assert len(names) == 0
+        # A forgotten (or never issued) dial name does not resolve: a lost pin fails closed.
+        with pytest.raises(socket.gaierror):
+            await asyncio.open_connection(name, port)
+        with pytest.raises(socket.gaierror):
+            await asyncio.open_connection("0123456789abcdef" + PIN_SUFFIX, port)
+        # Every other name still goes to the real resolver.
+        assert (await asyncio.get_running_loop().getaddrinfo("127.0.0.1", port))[0][4][0] == "127.0.0.1"
+        await asyncio.sleep(0.05)
+        server.close()
+        assert accepted == ["127.0.0.1"]
+
+    asyncio.run(run())
+
+
+def test_a_request_for_a_reserved_dial_name_is_refused() -> None:
+    e = Egress(EgressConfig(), [("127.0.0.1", 15001)])
+    with pytest.raises(KeylessError) as reserved:
+        asyncio.run(e.check_addresses(("abc" + PIN_SUFFIX, 443)))
+    assert reserved.value.code == "bad_request"
