@@ -213,9 +213,10 @@ class KeylessAddon:
                 transparent_tls_without_sni=self.transparent and client.tls_established and not client.sni)
             # Resolve once, check every answer (refused networks, Keyless itself): the upstream
             # connection dials this pin. Before inject, so no credential is minted for a refusal.
-            pin = await self.egress.check_addresses((req.host, req.port))
+            pins = self._allowed.setdefault(client.id, {})
+            pin = await self.egress.pin_for((req.host, req.port), pins)
             await self.broker.inject(ex, req)
-            self._allowed.setdefault(client.id, {})[Egress.allow_key(req.host, req.port)] = pin
+            pins[Egress.allow_key(req.host, req.port)] = pin
         except KeylessError as e:
             self._refuse(flow, ex, e)
         except Exception as e:  # noqa: BLE001

@@ -1,6 +1,6 @@
 """Destination rules: what may leave Keyless, where to, and whether a credential may ride along.
 
-Four checks live here, all plain functions over plain values so that ``proxy.addon`` stays a
+Five checks live here, all plain functions over plain values so that ``proxy.addon`` stays a
 table of contents:
 
 * ``transparent_host``: in transparent mode the app never told Keyless where it was going; the
@@ -17,20 +17,28 @@ table of contents:
   any connection that no allowed request on the same client connection asked for. With the
   lazy connection strategy that last rule is what guarantees that mitmproxy's transparent mode,
   which knows its destination before any HTTP hook ran, never relays undecided traffic.
-* ``Egress.pin``: the address a connection goes to is the address that was checked. The name
-  is resolved once, every answer is checked against ``refused_networks`` and Keyless's own
-  listeners, and the upstream connection dials exactly one of those checked addresses, while
-  TLS SNI, certificate verification and the Host header keep the name. Without the pin
-  mitmproxy would resolve the name a second time to connect, and a name whose answer changes
-  between lookups (DNS rebinding, TTL 0) would pass the check with a public address and
-  deliver the credential to 169.254.169.254.
+* ``check_addresses`` and ``dial_target``: the address a connection goes to is the address
+  that was checked (DNS rebinding). ``check_addresses`` runs once per allowed request, before
+  the credential is minted: it resolves the name once and checks every answer against
+  ``refused_networks`` and Keyless's own listeners, giving a ``Pin``. ``dial_target`` (in
+  ``server_connect``) hands mitmproxy that pin, never the name, through ``DialNames``; TLS SNI,
+  certificate verification and the Host header keep the name. Without the pin mitmproxy
+  resolved the name a second time to connect, and a name whose answer alternates (TTL 0)
+  between a public address and 169.254.169.254 passed the check and got the credential
+  delivered to the metadata address on every request.
 
   An answer that mixes allowed and refused addresses refuses the name rather than dialling
   only the allowed ones. No legitimate public name needs a metadata or link-local address in
   its answer, so such an answer is evidence that someone steers the name; refusing keeps the
-  outcome independent of answer order and of which worker resolved, and the refusal (with
-  the offending address) lands in the audit log instead of a silent filter hiding the probe.
-  An operator whose internal names legitimately mix ranges narrows ``refused_networks``.
+  outcome independent of answer order, and the refusal (naming the offending address) lands in
+  the audit log instead of a silent filter hiding the probe. Filtering would be no safer for
+  the credential, only quieter. An operator whose internal names legitimately mix ranges
+  narrows ``refused_networks`` instead.
+
+  Transparent mode needs no pin of its own: mitmproxy dials the original destination, an
+  address literal (checked like any answer), and ``transparent_host``'s lookup of a plain-HTTP
+  Host header only decides which name the policy sees, never where the connection goes. With
+  ``tls_origination`` the dial is to the origination host by name, which is pinned as above.
 """
 
 from __future__ import annotations
@@ -39,9 +47,10 @@ import asyncio
 import ipaddress
 import secrets
 import socket
+import time
 import weakref
 from collections.abc import Awaitable, Callable, Container, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from proxy.confread import Section
@@ -78,6 +87,10 @@ DEFAULT_REFUSED_NETWORKS: tuple[Network, ...] = tuple(ipaddress.ip_network(n) fo
 
 
 RESOLVE_TIMEOUT = 5.0  # seconds; a resolver that never answers must not hold a request forever
+# How long one client connection reuses a pin for the same (host, port) before looking it up again.
+# Only checked answers are reused, so this bounds staleness, not safety; it spares a kept-alive
+# client a getaddrinfo (and a thread hop) per request.
+PIN_REUSE = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +105,7 @@ class Pin:
     host: str
     port: int
     addresses: tuple[str, ...]
+    at: float = field(default=0.0, compare=False)  # Egress's clock when the lookup answered
 
     @property
     def address(self) -> tuple[str, int]:
@@ -182,8 +196,7 @@ def screen(host: str, port: int, answers: Iterable[str], refused: Iterable[Netwo
             literal = ipaddress.ip_address(_norm(answer))
         except ValueError:
             raise KeylessError("forbidden", f"{host} resolves to something that is not an address") from None
-        a = _ip(str(literal))
-        assert a is not None  # a literal always parses; _ip only unwraps embedded IPv4
+        a = _embedded(literal)
         # A name may resolve to Keyless itself: that would loop, and the second hop would be
         # attested as Keyless's own (often trusted) address.
         if is_own(str(a), port):
@@ -275,6 +288,10 @@ def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         ip = ipaddress.ip_address(_norm(host))
     except ValueError:
         return None
+    return _embedded(ip)
+
+
+def _embedded(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     if isinstance(ip, ipaddress.IPv6Address):
         # IPv6 forms that carry an IPv4 address (mapped, NAT64, 6to4, compatible) are checked as
         # that IPv4 address, or ::a9fe:a9fe would slip past a 169.254.0.0/16 rule.
@@ -315,9 +332,10 @@ class Egress:
     """The egress rules of one running Keyless; ``resolve`` is a seam for the OS resolver."""
 
     def __init__(self, config: EgressConfig, listen: Iterable[tuple[str, int]],
-                 resolve: Resolver = system_resolver) -> None:
+                 resolve: Resolver = system_resolver, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.resolve = resolve
+        self.clock = clock
         # Keyless's own listeners: a connection to one of them is a redirect loop, or a client
         # that dialled the transparent port directly (its "original destination" is Keyless).
         self._own = tuple((_ip(host), port) for host, port in listen)
@@ -377,6 +395,8 @@ class Egress:
             "egress.tls_origination or egress.allow_cleartext for this destination")
 
     def _is_own(self, host: str, port: int) -> bool:
+        if all(port != own_port for _, own_port in self._own):
+            return False  # the common case, and it needs no address parsing
         ip = _ip(host)
         for own_ip, own_port in self._own:
             if port != own_port:
@@ -433,7 +453,15 @@ class Egress:
                 raise KeylessError("bad_request", f"{host!r} is not a valid host name") from None
             except OSError as e:
                 raise KeylessError("upstream_unreachable", f"{host} does not resolve ({type(e).__name__})") from None
-        return Pin(host, port, screen(host, port, answers, self.config.refused_networks, self._is_own))
+        return Pin(host, port, screen(host, port, answers, self.config.refused_networks, self._is_own), self.clock())
+
+    async def pin_for(self, address: tuple[str, int], held: Mapping[tuple[str, int], Pin]) -> Pin:
+        """The pin for ``address``: one this client connection got less than PIN_REUSE s ago, or
+        ``check_addresses``. ``held`` is the client connection's pins (what dial_target reads)."""
+        known = held.get(self.allow_key(*address))
+        if known is not None and 0 <= self.clock() - known.at < PIN_REUSE:
+            return known
+        return await self.check_addresses(address)
 
     @staticmethod
     def allow_key(host: str, port: int) -> tuple[str, int]:

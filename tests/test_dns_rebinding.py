@@ -153,17 +153,20 @@ def test_an_alternating_answer_never_reaches_the_refused_address(rebind: Rebind)
 
 
 def test_keep_alive_reuses_only_the_checked_connection(rebind: Rebind) -> None:
-    """One client connection, many requests: the upstream connection is reused and stays pinned."""
+    """One client connection, many requests: one checked lookup, one upstream connection, reused."""
     before, asked = rebind.accepts(PUBLIC), len(rebind.queries("rebind.test"))
     urls = [f"https://rebind.test/keepalive/{i}" for i in range(10)]
     results = rebind.curl("--http1.1", *urls)
     assert len(results) == 10 and rebind.accepts(METADATA) == 0
     statuses = [s for s, _ in results]
-    assert sorted(set(statuses)) == [200, 403] and statuses.count(200) == 5
+    # The first lookup may answer the metadata address (refused, nothing kept); the next one
+    # answers the public address, and the client connection reuses that pin (egress.PIN_REUSE).
+    first_ok = statuses.index(200)
+    assert first_ok <= 1 and statuses[first_ok:] == [200] * (10 - first_ok), statuses
+    assert len(rebind.queries("rebind.test")) - asked == first_ok + 1
     # The name is put back on the connection after the dial, so mitmproxy's reuse (which matches
     # the request's host and port) still works: one upstream connection for the whole tunnel.
     assert rebind.accepts(PUBLIC) - before == 1
-    assert len(rebind.queries("rebind.test")) - asked == 10
 
 
 def test_plain_http_keeps_the_host_header_and_the_pin(rebind: Rebind) -> None:

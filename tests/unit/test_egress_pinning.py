@@ -15,6 +15,7 @@ import pytest
 
 from proxy.egress import (
     DEFAULT_REFUSED_NETWORKS,
+    PIN_REUSE,
     PIN_SUFFIX,
     DialNames,
     Egress,
@@ -159,3 +160,29 @@ def test_a_request_for_a_reserved_dial_name_is_refused() -> None:
     with pytest.raises(KeylessError) as reserved:
         asyncio.run(e.check_addresses(("abc" + PIN_SUFFIX, 443)))
     assert reserved.value.code == "bad_request"
+
+
+def test_a_client_connection_reuses_a_young_pin_and_looks_up_an_old_one() -> None:
+    now = [100.0]
+    answers = itertools.cycle([["192.0.2.7"], ["169.254.169.254"]])
+    calls: list[tuple[str, int]] = []
+
+    async def rebinding(host: str, port: int) -> list[str]:
+        calls.append((host, port))
+        return next(answers)
+
+    e = Egress(EgressConfig(), [("127.0.0.1", 15001)], rebinding, clock=lambda: now[0])
+    held: dict[tuple[str, int], Pin] = {}
+    pin = asyncio.run(e.pin_for(("api.test", 443), held))
+    assert pin.address == ("192.0.2.7", 443) and pin.at == 100.0
+    held[("api.test", 443)] = pin
+    now[0] += PIN_REUSE - 0.1
+    assert asyncio.run(e.pin_for(("API.test", 443), held)) is pin
+    assert calls == [("api.test", 443)]
+    now[0] += 0.2  # too old: looked up again, and this answer (the metadata address) is refused
+    with pytest.raises(KeylessError):
+        asyncio.run(e.pin_for(("api.test", 443), held))
+    assert calls == [("api.test", 443)] * 2
+    # Another port is another pin: never served from this one.
+    asyncio.run(e.pin_for(("api.test", 8443), held))
+    assert calls[-1] == ("api.test", 8443)
