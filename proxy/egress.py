@@ -132,15 +132,27 @@ class DialNames:
     not resolve: a lost pin fails closed. Other names go to the original resolver unchanged.
     """
 
-    def __init__(self) -> None:
-        self._pins: dict[str, Pin] = {}
+    # A dial resolves its name at once (mitmproxy's per-address semaphore is keyed by this unique
+    # name, so nothing waits); a name still unanswered after this long belongs to a dial that
+    # never happened (cancelled) and is dropped, so the table cannot grow without bound.
+    MAX_AGE = 60.0
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._pins: dict[str, tuple[Pin, float]] = {}  # insertion order is age order
+        self._clock = clock
         self._loops: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
 
     def name_for(self, pin: Pin) -> str:
-        """A fresh reserved name for ``pin``; call ``forget`` once the dial is over."""
+        """A fresh reserved name for ``pin``, answered once; ``forget`` it if the dial never ran."""
         self._install(asyncio.get_running_loop())
+        now = self._clock()
+        while self._pins:
+            oldest = next(iter(self._pins))
+            if now - self._pins[oldest][1] < self.MAX_AGE:
+                break
+            del self._pins[oldest]
         name = f"{secrets.token_hex(8)}{PIN_SUFFIX}"
-        self._pins[name] = pin
+        self._pins[name] = (pin, now)
         return name
 
     def forget(self, name: str) -> None:
@@ -150,10 +162,14 @@ class DialNames:
         return len(self._pins)
 
     def answer(self, name: str, port: int, family: int = 0) -> list[AddrInfo]:
-        """The addrinfo list for a reserved name: the pin's addresses, in order, numeric only."""
-        pin = self._pins.get(name.lower())
-        if pin is None:
+        """The addrinfo list for a reserved name: the pin's addresses, in order, numeric only.
+
+        Each name answers once: a dial resolves its name a single time, and nothing else may.
+        """
+        entry = self._pins.pop(name.lower(), None)
+        if entry is None:
             raise socket.gaierror(socket.EAI_NONAME, "keyless: no pinned address for this dial")
+        pin = entry[0]
         infos: list[AddrInfo] = []
         for address in pin.addresses:
             # AI_NUMERICHOST: a literal in, a sockaddr out (scope ids included), never a lookup.
@@ -340,7 +356,7 @@ class Egress:
         # that dialled the transparent port directly (its "original destination" is Keyless).
         self._own = tuple((_ip(host), port) for host, port in listen)
         self._refused = frozenset(config.refused_ports)
-        self.dial_names = DialNames()
+        self.dial_names = DialNames(clock)
 
     async def transparent_host(self, *, dst: tuple[str, int], tls: bool, sni: str | None,
                                host_header: str | None) -> str:

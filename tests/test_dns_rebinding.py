@@ -10,7 +10,8 @@ One network namespace holds everything (no address exists outside it):
 
 ``rebind.test`` alternates between 10.200.53.7 and 169.254.169.254 on every A query;
 ``mixed.test`` answers both addresses in one response (in both orders); ``dual.test`` answers
-a dead address and the public one, both allowed. ``ip netns exec`` puts
+a dead address and the public one, both allowed; ``nocert.test`` points at the public address,
+whose certificate does not name it. ``ip netns exec`` puts
 the namespace's resolv.conf in place, so Keyless's system resolver asks our server. Before the
 pin, Keyless checked one lookup and mitmproxy dialled another: every second request delivered
 the credential to 169.254.169.254.
@@ -42,7 +43,7 @@ import rego.v1
 default decision := {"allow": false, "reason": "not granted"}
 
 decision := {"allow": true, "reason": "app may call the test api", "credential": "api-key"} if {
-	input.request.host in {"rebind.test", "mixed.test", "dual.test"}
+	input.request.host in {"rebind.test", "mixed.test", "dual.test", "nocert.test"}
 }
 """
 
@@ -88,7 +89,7 @@ def rebind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rebind]:
         topo.spawn(ns, sys.executable, "-m", "tests.netns_dns", "--events", str(dns_events), "--listen", DNS,
                    f"--name=rebind.test={PUBLIC}/{METADATA}",
                    f"--name=mixed.test={PUBLIC},{METADATA}/{METADATA},{PUBLIC}",
-                   f"--name=dual.test={DEAD},{PUBLIC}", log=tmp / "dns.log")
+                   f"--name=dual.test={DEAD},{PUBLIC}", f"--name=nocert.test={PUBLIC}", log=tmp / "dns.log")
         deadline = time.monotonic() + 20
         while not (dns_events.exists() and '"ready"' in dns_events.read_text()):
             assert time.monotonic() < deadline, (tmp / "dns.log").read_text()
@@ -206,3 +207,11 @@ def test_a_multi_address_answer_falls_back_only_to_checked_addresses(rebind: Reb
     records = rebind.keyless.wait_audit(len(rebind.keyless.audit()))
     dual = [r for r in records if r["request"]["host"] == "dual.test"]
     assert [r["request"]["upstream_address"]["address"] for r in dual] == [PUBLIC] * 3
+
+
+def test_the_upstream_certificate_is_still_verified_against_the_name(rebind: Rebind) -> None:
+    """The dial goes to an address, but TLS still checks the name: a certificate without it fails."""
+    before = rebind.accepts(PUBLIC)
+    results = rebind.curl("https://nocert.test/v1/x")
+    assert results[0][0] == 502 and rebind.accepts(PUBLIC) == before + 1  # connected, then refused the cert
+    assert not [r for r in rebind.upstream.requests() if r["host"] == "nocert.test"]

@@ -139,11 +139,14 @@ def test_a_dial_name_connects_only_to_the_pinned_addresses_in_order() -> None:
         reader, writer = await asyncio.open_connection(name, port)
         assert writer.get_extra_info("peername")[0] == "127.0.0.1"
         writer.close()
-        names.forget(name)
+        # A dial name answers once; a used, forgotten or never issued one does not resolve.
         assert len(names) == 0
-        # A forgotten (or never issued) dial name does not resolve: a lost pin fails closed.
         with pytest.raises(socket.gaierror):
             await asyncio.open_connection(name, port)
+        unused = names.name_for(Pin("api.test", port, ("127.0.0.1",)))
+        names.forget(unused)
+        with pytest.raises(socket.gaierror):
+            await asyncio.open_connection(unused, port)
         with pytest.raises(socket.gaierror):
             await asyncio.open_connection("0123456789abcdef" + PIN_SUFFIX, port)
         # Every other name still goes to the real resolver.
@@ -186,3 +189,20 @@ def test_a_client_connection_reuses_a_young_pin_and_looks_up_an_old_one() -> Non
     # Another port is another pin: never served from this one.
     asyncio.run(e.pin_for(("api.test", 8443), held))
     assert calls[-1] == ("api.test", 8443)
+
+
+def test_dial_names_of_dials_that_never_ran_expire() -> None:
+    now = [0.0]
+    names = DialNames(clock=lambda: now[0])
+
+    async def run() -> None:
+        pin = Pin("api.test", 443, ("192.0.2.7",))
+        stale = names.name_for(pin)
+        now[0] += DialNames.MAX_AGE + 1
+        fresh = names.name_for(pin)
+        assert len(names) == 1
+        with pytest.raises(socket.gaierror):
+            names.answer(stale, 443)
+        assert [info[4][0] for info in names.answer(fresh, 443)] == ["192.0.2.7"]
+
+    asyncio.run(run())
