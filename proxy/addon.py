@@ -246,9 +246,10 @@ class KeylessAddon:
 
     @staticmethod
     def _note_upstream(ex: Exchange, flow: http.HTTPFlow) -> None:
-        # The audit record names the address Keyless really dialled (request.upstream_address).
+        # The audit record names the address Keyless really dialled (request.upstream_address);
+        # a refused request was forwarded nowhere, whatever connection its flow happens to name.
         peer = describe_peer(flow.server_conn.peername if flow.server_conn else None)
-        if peer is not None:
+        if peer is not None and ex.error is None:
             ex.request["upstream_address"] = peer
 
     def tcp_start(self, flow: tcp.TCPFlow) -> None:
