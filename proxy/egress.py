@@ -370,6 +370,9 @@ class Egress:
         name = _host_of(host_header)
         if not name:
             raise KeylessError("bad_request", "malformed Host header")
+        if name.endswith(PIN_SUFFIX):
+            # Looking it up would consume another connection's dial name (DialNames answers once).
+            raise KeylessError("bad_request", f"{name} is a name Keyless reserves for its own dials")
         want = _ip(dst[0])
         if _ip(name) is not None:
             if _ip(name) != want:

@@ -163,6 +163,10 @@ def test_a_request_for_a_reserved_dial_name_is_refused() -> None:
     with pytest.raises(KeylessError) as reserved:
         asyncio.run(e.check_addresses(("abc" + PIN_SUFFIX, 443)))
     assert reserved.value.code == "bad_request"
+    with pytest.raises(KeylessError) as header:
+        asyncio.run(e.transparent_host(dst=("192.0.2.7", 80), tls=False, sni=None,
+                                       host_header="abc" + PIN_SUFFIX.upper() + ":80"))
+    assert header.value.code == "bad_request"
 
 
 def test_a_client_connection_reuses_a_young_pin_and_looks_up_an_old_one() -> None:
