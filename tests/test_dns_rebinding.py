@@ -19,6 +19,7 @@ the credential to 169.254.169.254.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 import time
@@ -215,3 +216,54 @@ def test_the_upstream_certificate_is_still_verified_against_the_name(rebind: Reb
     results = rebind.curl("https://nocert.test/v1/x")
     assert results[0][0] == 502 and rebind.accepts(PUBLIC) == before + 1  # connected, then refused the cert
     assert not [r for r in rebind.upstream.requests() if r["host"] == "nocert.test"]
+
+
+def _addon(tmp: Path) -> Any:
+    from proxy.addon import KeylessAddon
+    from proxy.audit import JsonLinesSink
+    from proxy.broker import Broker
+    from proxy.config import parse_config
+    from proxy.server import prepare
+
+    cfg = parse_config(base_config(tmp), tmp / "keyless.yaml")
+    prep = prepare(cfg)
+    return KeylessAddon(Broker(cfg, prep.engine, prep.signer, JsonLinesSink(cfg.audit.path), prep.trust,
+                               prep.credentials))
+
+
+def test_server_connect_hands_mitmproxy_the_pin_and_puts_the_name_back(tmp_path: Path) -> None:
+    """The hooks in process, on mitmproxy's own connection objects (no network, no namespace)."""
+    import socket
+
+    from mitmproxy.connection import ConnectionState
+    from mitmproxy.proxy.server_hooks import ServerConnectionHookData
+    from mitmproxy.test import tflow
+
+    from proxy.egress import PIN_SUFFIX, Pin
+
+    addon = _addon(tmp_path)
+
+    async def run() -> None:
+        client = tflow.tclient_conn()
+        client.sni = None
+        addon._allowed[client.id] = {("api.test", 443): Pin("api.test", 443, ("192.0.2.7", "192.0.2.8"))}
+        server = tflow.tserver_conn()
+        server.address, server.tls, server.sni = ("api.test", 443), True, None
+        data = ServerConnectionHookData(server=server, client=client)
+        await addon.server_connect(data)
+        assert server.error is None
+        dial, port = server.address
+        assert dial.endswith(PIN_SUFFIX) and port == 443 and server.sni == "api.test"  # TLS keeps the name
+        # What asyncio.open_connection(*server.address) would try: the pin, in order, nothing else.
+        infos = await asyncio.get_running_loop().getaddrinfo(dial, port, type=socket.SOCK_STREAM)
+        assert [i[4][0] for i in infos] == ["192.0.2.7", "192.0.2.8"]
+        server.peername, server.state = ("192.0.2.7", 443), ConnectionState.OPEN
+        addon.server_connected(data)
+        assert server.address == ("api.test", 443) and len(addon.egress.dial_names) == 0
+        # A destination no allowed request asked for is never dialled, pin or not.
+        other = tflow.tserver_conn()
+        other.address = ("other.test", 443)
+        await addon.server_connect(ServerConnectionHookData(server=other, client=client))
+        assert other.error is not None and other.address == ("other.test", 443)
+
+    asyncio.run(run())
