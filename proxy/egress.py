@@ -197,6 +197,11 @@ class DialNames:
         self._loops.add(loop)
 
 
+# One table per process: every Egress on a loop shares the one getaddrinfo wrapper, so two
+# addons (in-process tests, a reload) never shadow each other's dial names.
+DIAL_NAMES = DialNames()
+
+
 def screen(host: str, port: int, answers: Iterable[str], refused: Iterable[Network],
            is_own: Callable[[str, int], bool]) -> tuple[str, ...]:
     """Every answer for ``host`` checked, in order; any refused one refuses the name.
@@ -356,7 +361,7 @@ class Egress:
         # that dialled the transparent port directly (its "original destination" is Keyless).
         self._own = tuple((_ip(host), port) for host, port in listen)
         self._refused = frozenset(config.refused_ports)
-        self.dial_names = DialNames(clock)
+        self.dial_names = DIAL_NAMES
 
     async def transparent_host(self, *, dst: tuple[str, int], tls: bool, sni: str | None,
                                host_header: str | None) -> str:
