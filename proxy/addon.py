@@ -14,6 +14,7 @@ import functools
 import json
 import logging
 import traceback
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -97,6 +98,8 @@ def guarded(where: str) -> Callable[[Callable[[KeylessAddon, F], Awaitable[None]
 class KeylessAddon:
     def __init__(self, pipeline: Pipeline) -> None:
         self.pipeline = pipeline
+        # While a server connection dials: the name it was opened for, and its reserved dial name.
+        self._dialling: weakref.WeakKeyDictionary[Any, tuple[tuple[str, int], str]] = weakref.WeakKeyDictionary()
 
     @property
     def inflight(self) -> set[str]:
@@ -167,12 +170,43 @@ class KeylessAddon:
     async def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         # Runs before any byte reaches the upstream; setting server.error aborts the connection.
         try:
-            await self.pipeline.check_upstream(data.client.id, data.server.address)
+            pin = self.pipeline.check_upstream(data.client.id, data.server.address)
+            name = data.server.address
+            if name is None:
+                raise KeylessError("forbidden", "upstream connection without a destination")
+            # mitmproxy dials server.address with asyncio.open_connection, which would resolve the
+            # name again: give it a reserved name that only the pin's checked addresses answer
+            # (egress.DialNames). SNI and the certificate check use server.sni, which mitmproxy
+            # set to the name (set it here if not, as tls_start_server would).
+            if data.server.tls and data.server.sni is None:
+                data.server.sni = data.client.sni or name[0]
+            egress = self.pipeline.egress
+            dial = egress.dial_names.name_for(pin)
+            data.server.address = (dial, pin.port)
+            self._dialling[data.server] = (name, dial)
         except KeylessError as e:
             log.warning("refused upstream connection from %s: %s", data.client.peername, e.message)
             data.server.error = f"keyless: {e.message}"
         except Exception as e:  # noqa: BLE001 - fail closed on anything
             data.server.error = f"keyless: {internal('server_connect', e).message}"
+
+    def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
+        # Back to the name: mitmproxy reuses a connection whose address equals the request's
+        # (host, port), so it keeps serving that name only, and only from the checked address.
+        self._restore_name(data)
+
+    def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
+        self._restore_name(data)
+
+    def _restore_name(self, data: server_hooks.ServerConnectionHookData) -> None:
+        dialled = self._dialling.pop(data.server, None)
+        if dialled is not None:
+            name, dial = dialled
+            self.pipeline.egress.dial_names.forget(dial)
+            # Server.__setattr__ refuses a new address on an open connection, because changing it
+            # would not move the socket; here it must not move: the socket stays on the checked
+            # address (peername) and only the label that reuse matches on goes back to the name.
+            object.__setattr__(data.server, "address", name)
 
     @guarded("responseheaders")
     async def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -185,6 +219,7 @@ class KeylessAddon:
         ex = self._exchange(flow)
         if flow.response is not None:
             flow.response.headers[DECISION_HEADER] = ex.decision_id
+            self.pipeline.note_upstream(ex, flow.server_conn.peername if flow.server_conn else None)
             self._audit(ex, flow.response.status_code)
 
     @guarded("error")
@@ -195,6 +230,7 @@ class KeylessAddon:
         if flow.error is not None:
             # Not a refusal: the request was allowed but the client or the upstream went away.
             self.pipeline.fail(ex, flow.error.msg)
+        self.pipeline.note_upstream(ex, flow.server_conn.peername if flow.server_conn else None)
         self._audit(ex, flow.response.status_code if flow.response else None)
 
     @guarded("tcp_start")

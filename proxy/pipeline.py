@@ -32,7 +32,7 @@ from proxy.audit.event import AuditEvent, Outcome, RequestRecord
 from proxy.broker import check_authority
 from proxy.config import Config
 from proxy.credentials import CREDENTIALS, CredentialProvider, Runtime
-from proxy.egress import Egress
+from proxy.egress import Egress, Pin, describe_peer
 from proxy.errors import ConfigError, KeylessError
 from proxy.model import ANONYMOUS, Attestation, Decision, Grant, GrantContext, Identity, OutboundRequest, Source
 from proxy.paths import check_path
@@ -131,10 +131,11 @@ class Pipeline:
         self.posture: Callable[[str | None], dict[str, Any]] | None = None
         # Per client connection: the CONNECT authority its tunnel was opened for; what that
         # CONNECT's Proxy-Authorization proved (inside the tunnel nothing is re-presented); and
-        # the upstream (host, port) pairs an allowed request asked for (nothing else is dialled).
+        # the upstream (host, port) pairs an allowed request asked for, each with the checked
+        # addresses it resolved to (nothing else is dialled, and never by name).
         self._tunnels: dict[str, tuple[str, int]] = {}
         self._carried: dict[str, tuple[Attestation, ...]] = {}
-        self._allowed: dict[str, set[tuple[str, int]]] = {}
+        self._allowed: dict[str, dict[tuple[str, int], Pin]] = {}
         # Decision ids of requests not yet audited: what a SIGTERM drain waits for.
         self.inflight: set[str] = set()
 
@@ -236,6 +237,10 @@ class Pipeline:
         self.egress.check_injection(
             credential=decision.credential, scheme=request.scheme, host=name, port=request.port,
             transparent_tls_without_sni=self.transparent and conn.tls and not conn.sni)
+        # Resolve once, check every answer (refused networks, Keyless itself): the upstream
+        # connection dials this pin. Before inject, so no credential is minted for a refusal.
+        pins = self._allowed.setdefault(conn.id, {})
+        pin = await self.egress.pin_for((request.host, request.port), pins)
         ex.stripped = tuple(strip_credentials(request, self.config.strip))
         if decision.credential is not None:
             provider = self.credentials[decision.credential]
@@ -244,14 +249,19 @@ class Pipeline:
             ctx = GrantContext(ex.identity, decision, request.scheme, name, request.port)
             ex.grant = await provider.apply(request, ctx)
         ex.forwarded = True
-        self._allowed.setdefault(conn.id, set()).add(Egress.allow_key(request.host, request.port))
+        pins[Egress.allow_key(request.host, request.port)] = pin
 
-    async def check_upstream(self, conn_id: str, address: tuple[str, int] | None) -> None:
-        """``server_connect``: may this upstream connection be opened? Raises KeylessError if not."""
-        self.egress.check_connect(address, self._allowed.get(conn_id, set()))
-        if address is None:
-            raise KeylessError("forbidden", "upstream connection without a destination")
-        await self.egress.check_addresses(address)
+    def check_upstream(self, conn_id: str, address: tuple[str, int] | None) -> Pin:
+        """``server_connect``: the checked addresses this connection may dial (a request allowed
+        on the same client connection pinned them); raises KeylessError for anything else."""
+        return self.egress.dial_target(address, self._allowed.get(conn_id, {}))
+
+    def note_upstream(self, ex: Exchange, peername: tuple[str, int] | None) -> None:
+        """Record the address really dialled (a refused request was forwarded nowhere)."""
+        peer = describe_peer(peername)
+        if peer is not None and ex.error is None:
+            r = ex.request
+            ex.request = RequestRecord(r.method, r.scheme, r.host, r.port, r.path, r.destination, r.upstream, peer)
 
     def refuse(self, ex: Exchange, error: KeylessError) -> None:
         ex.error = error
@@ -333,7 +343,7 @@ def outcome(ex: Exchange, status: int | None) -> Outcome:
 
 
 def _with_upstream(r: RequestRecord, upstream: str) -> RequestRecord:
-    return RequestRecord(r.method, r.scheme, r.host, r.port, r.path, r.destination, upstream)
+    return RequestRecord(r.method, r.scheme, r.host, r.port, r.path, r.destination, upstream, r.upstream_address)
 
 
 def _time_ns(iso: str) -> int:
