@@ -56,7 +56,8 @@ def build(tmp: Path, cache: bool) -> Any:
 async def measure(n: int, batches: int, jwt: bool, cache: bool = True) -> dict[str, float]:
     from mitmproxy import http
 
-    from proxy.broker import Exchange, check_authority
+    from proxy.authority import check_authority, target
+    from proxy.broker import Exchange
     from proxy.model import Source
     from proxy.trust import Caller
 
@@ -80,7 +81,7 @@ async def measure(n: int, batches: int, jwt: bool, cache: bool = True) -> dict[s
         t = clock("exchange + describe", t)
         ex.identity = await broker.attest(Caller("127.0.0.1", 50000))
         t = clock("attest (source_ip)", t)
-        check_authority(scheme=req.scheme, host=req.host, port=req.port, host_header=req.host_header,
+        check_authority(scheme=req.scheme, target=target(req.host, req.port), host_header=req.host_header,
                         connect=None, tls=False, sni=None)
         t = clock("authority check", t)
         doc = broker.policy_input(ex, method=req.method, scheme=req.scheme, host=req.host, port=req.port,

@@ -15,7 +15,8 @@ from typing import Any
 from mitmproxy import http, tcp
 from mitmproxy.proxy import server_hooks
 
-from proxy.broker import Broker, Exchange, check_authority
+from proxy.authority import Target, check_authority, cut, target
+from proxy.broker import Broker, Exchange
 from proxy.egress import Egress
 from proxy.errors import KeylessError
 from proxy.model import Attestation, Source
@@ -50,7 +51,7 @@ class KeylessAddon:
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
         # CONNECT authority per client connection: the tunnel's inner requests must match it.
-        self._tunnels: dict[str, tuple[str, int]] = {}
+        self._tunnels: dict[str, Target] = {}
         # What the CONNECT's Proxy-Authorization proved, kept for the requests inside the tunnel.
         self._carried: dict[str, tuple[Attestation, ...]] = {}
         listen = broker.config.listen
@@ -78,14 +79,17 @@ class KeylessAddon:
         )
 
     async def http_connect(self, flow: http.HTTPFlow) -> None:
-        tunnel = (flow.request.host, flow.request.port)
-        if "proxy-authorization" not in flow.request.headers:
-            self._tunnels[flow.client_conn.id] = tunnel
-            return
-        # Attest once, on the CONNECT: inside the tunnel the client sends no Proxy-Authorization.
         addr = flow.client_conn.peername
         ex = Exchange(Source(str(addr[0]), int(addr[1])))
         try:
+            tunnel = target(flow.request.host, flow.request.port)
+            # mitmproxy dials (request.host, request.port) after this hook: make it the canonical
+            # address, so that the tunnel, server_connect and the inner requests all agree.
+            flow.request.host, flow.request.authority = tunnel.host, tunnel.authority
+            if "proxy-authorization" not in flow.request.headers:
+                self._tunnels[flow.client_conn.id] = tunnel
+                return
+            # Attest once, on the CONNECT: inside the tunnel the client sends no Proxy-Authorization.
             identity = await self.broker.attest(self._caller(flow))
             self._carried[flow.client_conn.id] = identity.attestations
             # Only a CONNECT that succeeds opens a tunnel: a refused one leaves the connection
@@ -98,7 +102,7 @@ class KeylessAddon:
             error = _internal("http_connect", e)
         # A refused CONNECT never reaches the response hook: audit it here.
         req = flow.request
-        self.broker.describe_request(ex, req.method, req.scheme, req.host, req.port, "")
+        self.broker.describe_request(ex, req.method, req.scheme, cut(req.host), req.port, "")
         self._refuse(flow, ex, error)
         self._audit(ex, error.status)
 
@@ -126,8 +130,9 @@ class KeylessAddon:
         self.inflight.add(ex.decision_id)
         req = flow.request
         try:
-            self.broker.describe_request(ex, req.method, req.scheme, req.host, req.port, req.path)
-            host = req.host
+            # The raw host (cut short) until it is known to parse: the audit record shows the attempt.
+            self.broker.describe_request(ex, req.method, req.scheme, cut(req.host), req.port, req.path)
+            host = ex.request["host"] = target(req.host, req.port).host
             if self.transparent:
                 # req.host is the original destination address; the policy sees the name.
                 ex.request["destination"] = {"address": req.host, "port": req.port}
@@ -136,11 +141,18 @@ class KeylessAddon:
                     host_header=req.host_header)
                 ex.request["host"] = host
             ex.identity = await self.broker.attest(self._caller(flow))
+            dest = target(host, req.port)
             check_authority(
-                scheme=req.scheme, host=host, port=req.port, host_header=req.host_header,
+                scheme=req.scheme, target=dest, host_header=req.host_header,
                 connect=self._tunnels.get(flow.client_conn.id), tls=flow.client_conn.tls_established,
                 sni=flow.client_conn.sni, authority=None if req.is_http2 or req.is_http3 else req.authority,
             )
+            # Checked: now the upstream is dialled at, and told, the canonical form. The host setter
+            # rewrites Host/:authority without IPv6 brackets (mitmproxy url.hostport), so set it too.
+            if not self.transparent:
+                req.host = dest.host
+            if req.host_header is not None:
+                req.host_header = dest.host_header(req.scheme)
             if not (req.is_http2 or req.is_http3):
                 # Forward in origin-form so the upstream routes on the Host header that was checked.
                 req.authority = ""
