@@ -151,6 +151,9 @@ class KeylessAddon:
             # rewrites Host/:authority without IPv6 brackets (mitmproxy url.hostport), so set it too.
             if not self.transparent:
                 req.host = dest.host
+                if not flow.server_conn.connected:
+                    # A tunnel's upstream TLS would otherwise get the client's SNI spelling.
+                    flow.server_conn.sni = dest.host
             if req.host_header is not None:
                 req.host_header = dest.host_header(req.scheme)
             if not (req.is_http2 or req.is_http3):
