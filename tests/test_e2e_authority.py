@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import secrets
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -184,6 +185,7 @@ def _ids(case: tuple[str, str, str]) -> str:
 
 
 Place = Callable[[Env, str, str], Reply]
+HostPlace = Callable[[Env, str, str, str], Reply]  # also given the canonical host, for the tunnel
 
 
 @pytest.mark.parametrize("case", cases(), ids=_ids)
@@ -196,7 +198,7 @@ def test_every_spelling_gets_the_canonical_decision(env: Env, place: Place, case
 @pytest.mark.parametrize("case", cases() + [(s, c, "GET") for s, c in UNICODE], ids=_ids)
 @pytest.mark.parametrize("place", [host_header, origin_form], ids=lambda p: p.__name__)
 def test_every_spelling_in_the_host_header_gets_the_canonical_decision(
-        env: Env, place: Callable[[Env, str, str, str], Reply], case: tuple[str, str, str]) -> None:
+        env: Env, place: HostPlace, case: tuple[str, str, str]) -> None:
     spelling, canonical, method = case
     check(env, place(env, spelling, method, canonical), canonical, method)
 
@@ -233,7 +235,6 @@ def test_connect_to_a_host_that_is_no_host_is_refused(env: Env) -> None:
     assert env.upstream.received == []
 
 
-
 # Not [::ffff:127.0.0.1]: Keyless dials, and so mints its certificate for, 127.0.0.1, which a
 # client that checks the certificate against the IPv6 literal it asked for refuses.
 @pytest.mark.parametrize("spelling", ["2130706433", "127.1", "0x7f000001", "LOCALHOST", "localhost."])
@@ -247,3 +248,22 @@ def test_tls_tunnel_spellings(env: Env, spelling: str) -> None:
     assert rec["request"]["host"] == canonical
     got = env.upstream.received[0]
     assert got.host == f"{canonical}:{env.upstream.https_port}" and got.scheme == "https"
+
+
+@pytest.mark.parametrize(("spelling", "canonical"), [("LOCALHOST", "localhost"), ("localhost.", "localhost"),
+                                                     ("2130706433", "127.0.0.1"), ("0x7f.1", "127.0.0.1")])
+def test_http2_authority_spellings(env: Env, spelling: str, canonical: str) -> None:
+    """curl over HTTP/2 in a tunnel to the canonical host, ``:authority`` naming the spelling:
+    the HTTP/1.1 upstream gets the canonical Host (mitmproxy builds it from ``:authority``)."""
+    port = env.upstream.https_port
+    out = subprocess.run(["curl", "-sS", "--max-time", "20", "--http2", "-D", "-", "-o", "/dev/null",
+                          "-w", "%{http_version}", "-H", f"Host: {spelling}:{port}", f"https://{canonical}:{port}/p"],
+                         env=env.k.client_env(), capture_output=True, text=True, timeout=30)
+    *blocks, version = out.stdout.split("\n\n")  # text mode: CRLF is read as LF
+    final = blocks[-1].splitlines()  # after the CONNECT's own "200 Connection established"
+    assert version == "2" and final[0].strip() == "HTTP/2 200", out.stdout + out.stderr
+    decision_id = next(v.strip() for n, _, v in (line.partition(":") for line in final[1:])
+                       if n.lower() == "keyless-decision-id")
+    rec = record(env.k, decision_id)
+    assert rec["request"]["host"] == canonical
+    assert [r.host for r in env.upstream.received] == [f"{canonical}:{port}"]
