@@ -32,6 +32,7 @@ rather than decoded: a proxy that decodes what its upstream may not is how parse
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -77,6 +78,10 @@ def canonical_host(text: str) -> str:
     return _canonical(text)[0]
 
 
+# A request canonicalises its host several times (hooks, egress, minting); the same few hosts
+# recur. Bounded, and only successes are kept (an exception is never cached), so junk input
+# costs a parse each time but cannot grow the cache past its size (~4 MiB at worst).
+@functools.lru_cache(maxsize=4096)
 def _canonical(text: str) -> tuple[str, IPAddress | None]:
     if len(text) > _MAX_INPUT:
         raise _bad(text, f"longer than {_MAX_INPUT} characters")
