@@ -6,6 +6,7 @@ upstream and the audit record all see the canonical form is tests/test_e2e_autho
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import string
 from pathlib import Path
@@ -26,6 +27,7 @@ from proxy.authority import (
     target,
 )
 from proxy.config import load_config
+from proxy.egress import Egress, EgressConfig, is_loopback
 from proxy.errors import ConfigError, KeylessError
 from tests.harness import base_config
 
@@ -294,3 +296,38 @@ def test_every_ipv6_spelling_is_the_compressed_form(value: int, exploded: bool, 
     assert canonical_host(text) == want
     assert canonical_host(f"[{text}]") == want
     assert parse_authority(f"[{text}]:443", 80).host == want
+
+
+# --- the egress checks use the same canonical form -------------------------------------------
+
+
+def test_egress_checks_see_the_canonical_form() -> None:
+    async def resolve(host: str, port: int) -> list[str]:
+        # A stand-in for DNS (only canonical names are ever asked for).
+        return {"api.example": ["10.0.0.2"]}.get(host, [])
+
+    e = Egress(EgressConfig(), [("127.0.0.1", 15001)], resolve)
+    # Transparent mode: a Host header spelled numerically names the dialled address.
+    assert asyncio.run(e.transparent_host(dst=("10.0.0.2", 80), tls=False, sni=None,
+                                          host_header="0x0a000002")) == "10.0.0.2"
+    assert asyncio.run(e.transparent_host(dst=("10.0.0.2", 80), tls=False, sni=None,
+                                          host_header="API.EXAMPLE.:80")) == "api.example"
+    with pytest.raises(KeylessError) as bad:
+        asyncio.run(e.transparent_host(dst=("10.0.0.2", 80), tls=False, sni=None, host_header="api.example:8o"))
+    assert bad.value.code == "bad_request"
+    # The connection gate matches whatever spelling mitmproxy holds against the allowed set.
+    e.check_connect(("2130706433", 9000), {Egress.allow_key("127.0.0.1", 9000)})
+    e.check_connect(("::ffff:127.0.0.1", 9000), {Egress.allow_key("127.1", 9000)})
+    with pytest.raises(KeylessError):
+        e.check_connect(("127.0.0.2", 9000), {Egress.allow_key("127.1", 9000)})
+    # Every spelling of the metadata address is refused, and of Keyless's own listener.
+    for host in ("0xa9fea9fe", "169.254.43518", "[::ffff:169.254.169.254]", "64:ff9b::a9fe:a9fe"):
+        with pytest.raises(KeylessError) as refused:
+            asyncio.run(e.check_addresses((host, 80)))
+        assert "refused_networks" in refused.value.message, host
+    with pytest.raises(KeylessError) as own:
+        asyncio.run(e.check_addresses(("2130706433", 15001)))
+    assert "own listener" in own.value.message
+    # Loopback *allows* a cleartext credential: only addresses that are loopback count.
+    assert is_loopback("LOCALHOST.") and is_loopback("0x7f000001") and is_loopback("[::ffff:127.0.0.1]")
+    assert not is_loopback("::127.0.0.1") and not is_loopback("64:ff9b::7f00:1")
