@@ -23,6 +23,7 @@ from mitmproxy import http, tcp
 from mitmproxy.proxy import server_hooks
 
 from proxy.audit.event import RequestRecord
+from proxy.authority import Target
 from proxy.errors import KeylessError
 from proxy.pipeline import Connection, Exchange, Pipeline, RequestView
 
@@ -66,6 +67,23 @@ def view(req: http.Request) -> RequestView:
         headers=list(req.headers.items(multi=True)),
         proxy_authorization=req.headers.get_all("proxy-authorization"),
     )
+
+
+def point_at(flow: http.HTTPFlow, dest: Target, transparent: bool) -> None:
+    """Dial, and tell the upstream, the canonical form the decision was made for.
+
+    The host setter also rewrites Host and ``:authority``, but without IPv6 brackets
+    (mitmproxy's ``url.hostport``), so the header is set again from the Target. In transparent
+    mode the dialled address is the kernel's and stays.
+    """
+    req = flow.request
+    if not transparent:
+        req.host = dest.host
+        if not flow.server_conn.connected:
+            # A tunnel's upstream TLS would otherwise get the client's SNI spelling.
+            flow.server_conn.sni = dest.host
+    if req.host_header is not None:
+        req.host_header = dest.host_header(req.scheme)
 
 
 def _upstream(req: http.Request) -> Callable[[str, int], None]:
@@ -141,14 +159,19 @@ class KeylessAddon:
     async def http_connect(self, flow: http.HTTPFlow) -> None:
         ex = self._exchange(flow)
         req = flow.request
-        await self.pipeline.open_tunnel(ex, connection(flow.client_conn), req.host, req.port,
-                                        req.headers.get_all("proxy-authorization"))
+        tunnel = await self.pipeline.open_tunnel(ex, connection(flow.client_conn), req.host, req.port,
+                                                 req.headers.get_all("proxy-authorization"))
+        # mitmproxy dials (request.host, request.port) after this hook: the canonical address.
+        req.host, req.authority = tunnel.host, tunnel.authority
 
     @guarded("requestheaders")
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         ex = self._exchange(flow)
         req, conn = flow.request, connection(flow.client_conn)
         await self.pipeline.decide(ex, conn, view(req))
+        if ex.target is None:
+            raise KeylessError("internal_error", "decided without a canonical target")
+        point_at(flow, ex.target, self.pipeline.transparent)
         if not (req.is_http2 or req.is_http3):
             # Forward in origin-form so the upstream routes on the Host header that was checked.
             req.authority = ""

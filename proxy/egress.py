@@ -53,6 +53,7 @@ from collections.abc import Awaitable, Callable, Container, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from proxy.authority import IPAddress, canonical_host, checked_ips, config_host, ip_of, parse_authority, target
 from proxy.confread import Section
 from proxy.errors import KeylessError
 
@@ -213,19 +214,17 @@ def screen(host: str, port: int, answers: Iterable[str], refused: Iterable[Netwo
     networks = tuple(refused)
     checked: list[str] = []
     for answer in answers:
-        try:
-            literal = ipaddress.ip_address(_norm(answer))
-        except ValueError:
-            raise KeylessError("forbidden", f"{host} resolves to something that is not an address") from None
-        a = _embedded(literal)
+        a = _resolved(answer)
         # A name may resolve to Keyless itself: that would loop, and the second hop would be
         # attested as Keyless's own (often trusted) address.
         if is_own(str(a), port):
             raise KeylessError("forbidden", f"{host} resolves to Keyless's own listener")
-        if any(a.version == n.version and a in n for n in networks):
-            raise KeylessError("forbidden", f"{host} resolves to {a}, in egress.refused_networks")
-        if str(literal) not in checked:
-            checked.append(str(literal))
+        # A refusal: an address that embeds a refused one (NAT64, 6to4, compatible) counts too.
+        for c in checked_ips(a):
+            if any(c.version == n.version and c in n for n in networks):
+                raise KeylessError("forbidden", f"{host} resolves to {a}, in egress.refused_networks")
+        if str(a) not in checked:
+            checked.append(str(a))
     if not checked:
         raise KeylessError("upstream_unreachable", f"{host} resolves to no address")
     return tuple(checked)
@@ -245,8 +244,8 @@ def parse(s: Section) -> EgressConfig:
     orig: list[Origination] = []
     for i, item in enumerate(_items(s, "tls_origination")):
         row = Section(item, s.key_path(f"tls_origination[{i}]"), s.problems, s.base_dir)
-        host = row.text("host")
-        o = Origination(_norm(host) if host else "", row.integer("port", 80, lo=1, hi=65535),
+        host = config_host(row)
+        o = Origination(host or "", row.integer("port", 80, lo=1, hi=65535),
                         row.integer("upstream_port", 443, lo=1, hi=65535))
         row.done()
         if host:
@@ -254,11 +253,11 @@ def parse(s: Section) -> EgressConfig:
     allow: list[CleartextAllowance] = []
     for i, item in enumerate(_items(s, "allow_cleartext")):
         row = Section(item, s.key_path(f"allow_cleartext[{i}]"), s.problems, s.base_dir)
-        host = row.text("host")
+        host = config_host(row)
         port = row.integer("port", None, lo=1, hi=65535)
         row.done()
         if host:
-            allow.append(CleartextAllowance(_norm(host), port))
+            allow.append(CleartextAllowance(host, port))
     networks = list(DEFAULT_REFUSED_NETWORKS)
     for key in ("refused_networks", "extra_refused_networks"):
         given = s.str_list(key, None)
@@ -297,56 +296,40 @@ def _int_list(s: Section, key: str) -> list[int]:
     return list(raw)
 
 
-def _norm(host: str) -> str:
-    host = host.strip().lower().rstrip(".")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host
-
-
-def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        ip = ipaddress.ip_address(_norm(host))
-    except ValueError:
-        return None
-    return _embedded(ip)
-
-
-def _embedded(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    if isinstance(ip, ipaddress.IPv6Address):
-        # IPv6 forms that carry an IPv4 address (mapped, NAT64, 6to4, compatible) are checked as
-        # that IPv4 address, or ::a9fe:a9fe would slip past a 169.254.0.0/16 rule.
-        if ip.ipv4_mapped is not None:
-            return ip.ipv4_mapped
-        if ip.sixtofour is not None:
-            return ip.sixtofour
-        if ip in _NAT64 or (ip.packed[:12] == bytes(12) and int(ip) > 0xFFFF):
-            return ipaddress.IPv4Address(ip.packed[12:])
-    return ip
-
-
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
-
-
 def is_loopback(host: str) -> bool:
-    """``localhost`` or a loopback literal: a hop to it never leaves the machine (or the pod)."""
-    if _norm(host) == "localhost":
-        return True
-    ip = _ip(host)
-    return ip is not None and ip.is_loopback
+    """``localhost`` or a loopback literal: a hop to it never leaves the machine (or the pod).
+
+    This check *allows* something (a cleartext credential), so an address that only embeds a
+    loopback address (NAT64, 6to4, ``::127.0.0.1``) does not count: it is routed elsewhere.
+    """
+    ip = ip_of(host)
+    if ip is None:
+        return _canonical_or_none(host) == "localhost"
+    return ip.is_loopback
+
+
+def _canonical_or_none(host: str) -> str | None:
+    try:
+        return canonical_host(host)
+    except KeylessError:
+        return None
+
+
+def _resolved(address: str) -> IPAddress:
+    """An address from the resolver (which may carry an IPv6 zone id), refused if unparsable."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        raise KeylessError("forbidden", "the resolver returned something that is not an address") from None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
 
 
 async def system_resolver(host: str, port: int) -> list[str]:
     """Addresses for ``host`` from the system resolver (run off the event loop by asyncio)."""
     infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     return [str(info[4][0]) for info in infos]
-
-
-def _host_of(host_header: str) -> str:
-    value = host_header.strip()
-    if value.startswith("["):
-        return _norm(value[1:value.find("]")] if "]" in value else value)
-    return _norm(value.rsplit(":", 1)[0] if value.count(":") == 1 else value)
 
 
 class Egress:
@@ -359,7 +342,7 @@ class Egress:
         self.clock = clock
         # Keyless's own listeners: a connection to one of them is a redirect loop, or a client
         # that dialled the transparent port directly (its "original destination" is Keyless).
-        self._own = tuple((_ip(host), port) for host, port in listen)
+        self._own = tuple((ip_of(host), port) for host, port in listen)
         self._refused = frozenset(config.refused_ports)
         self.dial_names = DIAL_NAMES
 
@@ -369,18 +352,17 @@ class Egress:
         if tls:
             # The upstream certificate is verified against the SNI, so a name that does not
             # belong to dst fails there; an absent SNI leaves the IP literal (and no credential).
-            return _norm(sni) if sni else _norm(dst[0])
+            return canonical_host(sni) if sni else canonical_host(dst[0])
         if host_header is None:
-            return _norm(dst[0])
-        name = _host_of(host_header)
-        if not name:
-            raise KeylessError("bad_request", "malformed Host header")
+            return canonical_host(dst[0])
+        # The port is compared with the rest of the authority by check_authority.
+        named = parse_authority(host_header, dst[1])
+        name, want = named.host, ip_of(dst[0])
         if name.endswith(PIN_SUFFIX):
             # Looking it up would consume another connection's dial name (DialNames answers once).
             raise KeylessError("bad_request", f"{name} is a name Keyless reserves for its own dials")
-        want = _ip(dst[0])
-        if _ip(name) is not None:
-            if _ip(name) != want:
+        if named.ip is not None:
+            if named.ip != want:
                 raise KeylessError("misdirected_request",
                                    f"Host header {name!r} does not match the original destination {dst[0]}")
             return name
@@ -388,7 +370,7 @@ class Egress:
             found = await self.resolve(name, dst[1])
         except OSError:
             found = []
-        if want not in {_ip(a) for a in found}:
+        if want not in {_resolved(a) for a in found}:
             raise KeylessError("misdirected_request",
                                f"Host header {name!r} does not resolve to the original destination {dst[0]}")
         return name
@@ -397,7 +379,7 @@ class Egress:
         """The TLS origination rule for a cleartext request to ``host:port``, if one applies."""
         if scheme != "http":
             return None
-        host = _norm(host)
+        host = canonical_host(host)
         return next((o for o in self.config.tls_origination if o.host == host and o.port == port), None)
 
     def check_injection(self, *, credential: str | None, scheme: str, host: str, port: int,
@@ -410,7 +392,7 @@ class Egress:
                                f"TLS without SNI to {host}: no credential is injected for an IP literal")
         if scheme == "https" or is_loopback(host):
             return
-        h = _norm(host)
+        h = canonical_host(host)
         if any(a.host == h and a.port in (None, port) for a in self.config.allow_cleartext):
             return
         raise KeylessError(
@@ -421,15 +403,16 @@ class Egress:
     def _is_own(self, host: str, port: int) -> bool:
         if all(port != own_port for _, own_port in self._own):
             return False  # the common case, and it needs no address parsing
-        ip = _ip(host)
+        # A refusal: an address that embeds one of ours (NAT64, 6to4, compatible) counts too.
+        ips = checked_ips(ip_of(host))
         for own_ip, own_port in self._own:
             if port != own_port:
                 continue
-            if is_loopback(host) or (ip is not None and ip == own_ip):
+            if _canonical_or_none(host) == "localhost" or any(a.is_loopback or a == own_ip for a in ips):
                 return True
             # A wildcard listener is every local address, but only those: refusing every host
             # that shares Keyless's port would break upstreams on, say, 8080.
-            if (own_ip is None or own_ip.is_unspecified) and ip is not None and _is_local_address(ip):
+            if (own_ip is None or own_ip.is_unspecified) and any(_is_local_address(a) for a in ips):
                 return True
         return False
 
@@ -437,7 +420,8 @@ class Egress:
         """May Keyless open a connection to ``address``? Called before the connection exists."""
         if address is None:
             raise KeylessError("forbidden", "upstream connection without a destination")
-        host, port = _norm(str(address[0])), int(address[1])
+        dest = target(str(address[0]), int(address[1]))
+        host, port = dest.host, dest.port
         if port in self._refused:
             raise KeylessError("forbidden", f"port {port} is refused by egress.refused_ports")
         if self._is_own(host, port):
@@ -452,7 +436,8 @@ class Egress:
         to the pin ``check_addresses`` made for it; there is no second resolution here.
         """
         self.check_connect(address, pins)
-        assert address is not None  # check_connect refuses None
+        if address is None:  # check_connect refuses None; explicit so python -O keeps it
+            raise KeylessError("forbidden", "upstream connection without a destination")
         return pins[self.allow_key(*address)]
 
     async def check_addresses(self, address: tuple[str, int]) -> Pin:
@@ -462,10 +447,11 @@ class Egress:
         listener, and (``upstream_unreachable``) when the name does not resolve. The caller
         connects to ``Pin.address`` and never resolves the name again.
         """
-        host, port = _norm(str(address[0])), int(address[1])
+        dest = target(str(address[0]), int(address[1]))
+        host, port = dest.host, dest.port
         if host.endswith(PIN_SUFFIX):
             raise KeylessError("bad_request", f"{host} is a name Keyless reserves for its own dials")
-        if _ip(host) is not None:
+        if dest.ip is not None:
             answers = [host]
         else:
             try:
@@ -489,7 +475,8 @@ class Egress:
 
     @staticmethod
     def allow_key(host: str, port: int) -> tuple[str, int]:
-        return _norm(host), int(port)
+        dest = target(host, int(port))
+        return dest.host, dest.port
 
 
 def describe_peer(peername: tuple[Any, ...] | None) -> dict[str, Any] | None:
@@ -503,7 +490,7 @@ def describe_peer(peername: tuple[Any, ...] | None) -> dict[str, Any] | None:
     return {"address": str(peername[0]), "port": int(peername[1])}
 
 
-def _is_local_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+def _is_local_address(ip: IPAddress) -> bool:
     """Whether ``ip`` is assigned to this host (binding to it succeeds only then)."""
     family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:

@@ -1,6 +1,7 @@
 """The request path in security order, written once, as plain functions over typed values.
 
-    destination  the canonical target; in transparent mode the name behind the dialled address
+    destination  the canonical Target (proxy.authority); in transparent mode the name behind the
+                 dialled address
     attest       every trust provider, combined into one Identity
     authority    CONNECT authority == TLS SNI == Host header == absolute-form target, else 421
     path         no dot-segments that a server would normalise past a path-prefix grant
@@ -29,7 +30,7 @@ from cryptography import x509
 
 from proxy.audit import AuditSink
 from proxy.audit.event import AuditEvent, Outcome, RequestRecord
-from proxy.broker import check_authority
+from proxy.authority import Target, check_authority, cut, target
 from proxy.config import Config
 from proxy.credentials import CREDENTIALS, CredentialProvider, Runtime
 from proxy.egress import Egress, Pin, describe_peer
@@ -93,6 +94,8 @@ class Exchange:
     stripped: tuple[str, ...] = ()
     error: KeylessError | None = None
     failure: str | None = None
+    # The canonical destination the decision is for: the upstream is dialled at and told it.
+    target: Target | None = None
     # Strip and inject have run: the request may leave (and must not be injected twice).
     forwarded: bool = False
     audited: bool = False
@@ -133,7 +136,7 @@ class Pipeline:
         # CONNECT's Proxy-Authorization proved (inside the tunnel nothing is re-presented); and
         # the upstream (host, port) pairs an allowed request asked for, each with the checked
         # addresses it resolved to (nothing else is dialled, and never by name).
-        self._tunnels: dict[str, tuple[str, int]] = {}
+        self._tunnels: dict[str, Target] = {}
         self._carried: dict[str, tuple[Attestation, ...]] = {}
         self._allowed: dict[str, dict[tuple[str, int], Pin]] = {}
         # Decision ids of requests not yet audited: what a SIGTERM drain waits for.
@@ -163,39 +166,47 @@ class Pipeline:
         return ex
 
     async def open_tunnel(self, ex: Exchange, conn: Connection, host: str, port: int,
-                          proxy_authorization: Sequence[str]) -> None:
+                          proxy_authorization: Sequence[str]) -> Target:
         """A CONNECT: attest once (inside the tunnel no Proxy-Authorization is sent again).
 
         Only a CONNECT that succeeds opens a tunnel: a refused one leaves the connection usable
-        for plain proxy requests, with nothing carried.
+        for plain proxy requests, with nothing carried. Returns the canonical tunnel target,
+        which the caller must make the address mitmproxy dials.
         """
-        ex.request = RequestRecord("CONNECT", "", host, port, "")
+        ex.request = RequestRecord("CONNECT", "", cut(host), port, "")
+        tunnel = target(host, port)
+        ex.request = RequestRecord("CONNECT", "", tunnel.host, port, "")
         if proxy_authorization:
             identity = await self.attest(self._caller(conn, proxy_authorization))
             self._carried[conn.id] = identity.attestations
-        self._tunnels[conn.id] = (host, port)
+        self._tunnels[conn.id] = tunnel
         # An open tunnel has no record of its own: each request inside it gets one.
         self.inflight.discard(ex.decision_id)
+        return tunnel
 
     async def decide(self, ex: Exchange, conn: Connection, view: RequestView) -> Decision:
         """Everything up to and including the decision; raises KeylessError to refuse."""
-        # destination
-        host = view.host
-        ex.request = RequestRecord(view.method, view.scheme, host, view.port, view.path.split("?", 1)[0])
+        # destination: the raw host (cut short) is recorded until it is known to parse
+        path = view.path.split("?", 1)[0]
+        ex.request = RequestRecord(view.method, view.scheme, cut(view.host), view.port, path)
+        dest = target(view.host, view.port)
+        host = dest.host
+        ex.request = RequestRecord(view.method, view.scheme, host, view.port, path)
         destination: dict[str, Any] | None = None
         if self.transparent:
             # view.host is the original destination address; the policy sees the name.
             destination = {"address": view.host, "port": view.port}
             host = await self.egress.transparent_host(
                 dst=(view.host, view.port), tls=conn.tls, sni=conn.sni, host_header=view.host_header)
-            ex.request = RequestRecord(view.method, view.scheme, host, view.port, ex.request.path,
-                                       destination=destination)
+            dest = target(host, view.port)
+            ex.request = RequestRecord(view.method, view.scheme, host, view.port, path, destination=destination)
         # attest
         ex.identity = await self.attest(self._caller(conn, view.proxy_authorization))
         # authority
-        check_authority(scheme=view.scheme, host=host, port=view.port, host_header=view.host_header,
+        check_authority(scheme=view.scheme, target=dest, host_header=view.host_header,
                         connect=self._tunnels.get(conn.id), tls=conn.tls, sni=conn.sni,
                         authority=view.authority)
+        ex.target = dest
         # path
         check_path(view.path)
         # input
