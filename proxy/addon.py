@@ -7,14 +7,15 @@ unchecked, so every hook catches everything and answers with a refusal instead.
 
 from __future__ import annotations
 
-import json
 import logging
 import traceback
 from typing import Any
 
-from mitmproxy import http, tcp
+from mitmproxy import connection, http, tcp, tls
 from mitmproxy.proxy import server_hooks
 
+from proxy import answers
+from proxy.answer_layers import error_answer
 from proxy.broker import Broker, Exchange, check_authority
 from proxy.egress import Egress
 from proxy.errors import KeylessError
@@ -26,15 +27,12 @@ from proxy.trust.evidence import caller_evidence
 log = logging.getLogger("keyless")
 
 _STATE = "keyless"
-DECISION_HEADER = "Keyless-Decision-Id"
+DECISION_HEADER = answers.DECISION_HEADER
 
 
 def refusal(error: KeylessError, decision_id: str) -> http.Response:
-    body = json.dumps({"error": error.code, "message": error.message, "decision_id": decision_id})
-    headers = {"Content-Type": "application/json", DECISION_HEADER: decision_id}
-    if error.code == "attestation_failed":
-        headers["Proxy-Authenticate"] = 'Bearer realm="keyless"'
-    return http.Response.make(error.status, body, headers)
+    return http.Response.make(error.status, answers.refusal_body(error, decision_id),
+                              answers.refusal_headers(error, decision_id))
 
 
 def _internal(where: str, exc: BaseException) -> KeylessError:
@@ -61,6 +59,11 @@ class KeylessAddon:
         self._allowed: dict[str, set[tuple[str, int]]] = {}
         # Decision ids of requests not yet audited: what a SIGTERM drain waits for.
         self.inflight: set[str] = set()
+        # listen.max_request_body, read by proxy.answer_layers (this addon is its Seam).
+        self.max_request_body = listen.max_request_body
+        # Why an upstream connection failed, per client connection and upstream (host, port):
+        # mitmproxy's error hook only has a message (proxy/answers.py).
+        self._upstream_failures: dict[str, dict[tuple[str, int], KeylessError]] = {}
 
     def _refuse(self, flow: http.HTTPFlow, ex: Exchange, error: KeylessError) -> None:
         ex.error = error
@@ -103,6 +106,7 @@ class KeylessAddon:
         self._audit(ex, error.status)
 
     def client_disconnected(self, client: Any) -> None:
+        self._upstream_failures.pop(client.id, None)
         self._tunnels.pop(client.id, None)
         self._carried.pop(client.id, None)
         self._allowed.pop(client.id, None)
@@ -115,9 +119,22 @@ class KeylessAddon:
             await self.egress.check_addresses(data.server.address)
         except KeylessError as e:
             log.warning("refused upstream connection from %s: %s", data.client.peername, e.message)
+            self._upstream_failed(data.client, data.server.address, e)
             data.server.error = f"keyless: {e.message}"
+        except OSError as e:  # the name did not resolve
+            self._upstream_failed(data.client, data.server.address, answers.connect_error(str(e)))
+            data.server.error = str(e)
         except Exception as e:  # noqa: BLE001
             data.server.error = f"keyless: {_internal('server_connect', e).message}"
+
+    def tls_failed_server(self, data: tls.TlsData) -> None:
+        server = data.conn
+        if isinstance(server, connection.Server):
+            self._upstream_failed(data.context.client, server.address, answers.tls_error(server.error or "failed"))
+
+    def _upstream_failed(self, client: connection.Connection, address: Any, error: KeylessError) -> None:
+        if address is not None:
+            self._upstream_failures.setdefault(client.id, {})[(str(address[0]), int(address[1]))] = error
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         addr = flow.client_conn.peername
@@ -127,6 +144,11 @@ class KeylessAddon:
         req = flow.request
         try:
             self.broker.describe_request(ex, req.method, req.scheme, req.host, req.port, req.path)
+            if flow.error is not None:
+                # mitmproxy refuses the request's framing (smuggling-prone headers): never decided.
+                raise answers.wire_refusal(answers.WireError("REQUEST_VALIDATION_FAILED", flow.error.msg))
+            # Before the body is read: a declared length over the limit is refused up front.
+            answers.check_declared_size(req.headers.get_all("content-length"), self.max_request_body)
             host = req.host
             if self.transparent:
                 # req.host is the original destination address; the policy sees the name.
@@ -202,6 +224,14 @@ class KeylessAddon:
         ex: Exchange | None = flow.metadata.get(_STATE)
         if ex is None:
             return
+        failure = self._upstream_failures.get(flow.client_conn.id, {}).get((flow.request.host, flow.request.port))
+        found = error_answer(flow, ex.error, failure, ex.decision_id)
+        if found is not None:
+            # Keyless answers it (proxy.answer_layers sends the JSON refusal) unless the
+            # upstream's headers already went out; either way the outcome names the cause.
+            ex.error, answered = found
+            self._audit(ex, ex.error.status if answered else flow.response.status_code if flow.response else None)
+            return
         if ex.error is None and flow.error is not None:
             # Not a refusal: the request was allowed but the client or the upstream went away.
             ex.failure = flow.error.msg
@@ -220,6 +250,25 @@ class KeylessAddon:
                       "port": server[1] if server else None, "path": None}
         ex.error = KeylessError("bad_request", "non-HTTP traffic is not relayed")
         self._audit(ex, None)
+
+    # -- proxy.answer_layers.Seam: answers mitmproxy's HTTP layer sends -----------------------
+
+    def refuse(self, flow: http.HTTPFlow, error: KeylessError) -> None:
+        ex: Exchange | None = flow.metadata.get(_STATE)
+        if ex is None:
+            addr = flow.client_conn.peername
+            ex = flow.metadata[_STATE] = Exchange(Source(str(addr[0]), int(addr[1])))
+        self._refuse(flow, ex, error)
+
+    def orphan(self, client: connection.Connection, request: http.Request | None, error: KeylessError) -> str:
+        addr = client.peername
+        ex = Exchange(Source(str(addr[0]), int(addr[1])) if addr else Source("", 0))
+        if request is not None:
+            self.broker.describe_request(ex, request.method, request.scheme, request.host, request.port,
+                                         request.path)
+        ex.error = error
+        self._audit(ex, error.status)
+        return ex.decision_id
 
     def _audit(self, ex: Exchange, status: int | None) -> None:
         self.inflight.discard(ex.decision_id)
