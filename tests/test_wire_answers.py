@@ -1,0 +1,490 @@
+"""Every answer is Keyless's: what mitmproxy used to answer with its own HTML page (an upstream
+that cannot be reached, a failed TLS handshake, a name that does not resolve, a malformed or
+oversize request) is a JSON refusal with a stable code, the Keyless-Decision-Id header and
+exactly one audit record whose outcome names what happened.
+
+Real Keyless processes, real clients (curl, raw sockets) and real upstream stand-ins: a closed
+port, an HTTPS server whose certificate comes from a CA Keyless does not trust, a name under
+``.invalid`` (RFC 6761: never resolves), and recording servers.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy.demo import free_port
+from tests.clients import Reply, curl
+from tests.harness import Keyless, Upstream, base_config
+
+LIMIT = 1 << 20  # listen.max_request_body in these tests
+POLICY = """package keyless.egress
+
+import rego.v1
+
+default decision := {"allow": false, "reason": "paths under /denied are denied"}
+
+decision := {"allow": true, "reason": "the wire-answers test allows the rest"} if {
+\tnot startswith(input.request.path, "/denied")
+}
+"""
+
+
+class StreamingKeyless(Keyless):
+    """Keyless whose allowed request bodies stream to the upstream after the decision, as the
+    pipeline does for credentials that do not need the body (tests/streaming_keyless.py)."""
+
+    def start(self, log_level: str = "debug") -> Keyless:
+        with open(self.log_file, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "tests.streaming_keyless", "run", "-c", str(self.config_file),
+                 "--log-level", log_level], stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.tmp)
+        return self._wait_ready()
+
+    def _wait_ready(self) -> Keyless:
+        import requests
+
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"keyless exited: {self.log_file.read_text()[-2000:]}")
+            try:
+                if requests.get(self.admin_url + "/readyz", timeout=1).status_code == 200:
+                    return self
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("keyless did not become ready")
+
+
+@dataclass
+class World:
+    k: Keyless
+    upstream: Upstream
+    untrusted: Upstream  # HTTPS with a certificate from a CA Keyless does not trust
+    refused_port: int
+
+    def audit_since(self, before: int, decision_id: str | None = None, settle: float = 0.3) -> list[dict[str, Any]]:
+        """Records written after ``before``; waits for at least one, then a little longer so that
+        a second (duplicate) record would show up too."""
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and len(self.k.audit()) <= before:
+            time.sleep(0.05)
+        time.sleep(settle)
+        records = self.k.audit()[before:]
+        if decision_id is not None:
+            assert [r["decision_id"] for r in records] == [decision_id], records
+        return records
+
+
+def _config(tmp: Path, upstream: Upstream, refused_port: int, **listen: Any) -> dict[str, Any]:
+    policy = tmp / "policy"
+    policy.mkdir(exist_ok=True)
+    (policy / "egress.rego").write_text(POLICY)
+    return base_config(tmp, upstream, listen={"address": "127.0.0.1", "port": free_port(), **listen},
+                       policy={"dir": str(policy)}, egress={"refused_ports": [refused_port]})
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    tmp = tmp_path_factory.mktemp("wire-answers")
+    upstream = Upstream(tmp / "upstream").start()
+    untrusted = Upstream(tmp / "untrusted").start()  # its own, different throwaway CA
+    refused_port = free_port()
+    k = Keyless(tmp, _config(tmp, upstream, refused_port, max_request_body="1m")).start()
+    try:
+        yield World(k, upstream, untrusted, refused_port)
+    finally:
+        k.stop()
+        upstream.stop()
+        untrusted.stop()
+
+
+def closed_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = int(s.getsockname()[1])
+    s.close()  # never listened: connections are refused
+    return port
+
+
+def assert_answer(w: World, r: Reply, status: int, code: str, before: int) -> dict[str, Any]:
+    """The reply is Keyless's JSON refusal and exactly one audit record says the same."""
+    assert r.status == status, (r.status, r.body[:300])
+    assert r.headers.get("content-type") == "application/json"
+    body = r.json()
+    assert body["error"] == code and body["message"]
+    assert r.decision_id and body["decision_id"] == r.decision_id
+    (rec,) = w.audit_since(before, r.decision_id)
+    assert rec["outcome"]["error"] == code and rec["outcome"]["status"] == status
+    return rec
+
+
+# -- upstream failures -------------------------------------------------------------------------
+
+
+def test_unreachable_upstream_is_a_json_502(world: World) -> None:
+    before = len(world.k.audit())
+    r = curl(world.k, f"http://localhost:{closed_port()}/v1/x")
+    rec = assert_answer(world, r, 502, "upstream_unreachable", before)
+    # The policy allowed it; the outcome says the upstream could not be reached.
+    assert rec["decision"]["allow"] is True
+    assert "Connect call failed" in rec["outcome"]["message"]
+
+
+def test_unreachable_upstream_inside_a_tunnel_is_a_json_502(world: World) -> None:
+    before = len(world.k.audit())
+    r = curl(world.k, f"https://localhost:{closed_port()}/v1/x")
+    assert_answer(world, r, 502, "upstream_unreachable", before)
+
+
+def test_upstream_certificate_from_an_untrusted_ca_is_upstream_tls_failed(world: World) -> None:
+    before = len(world.k.audit())
+    r = curl(world.k, world.untrusted.url("/v1/x"))
+    rec = assert_answer(world, r, 502, "upstream_tls_failed", before)
+    assert "certificate" in rec["outcome"]["message"].lower()
+    assert world.untrusted.received == []
+
+
+def test_upstream_that_does_not_speak_tls_is_upstream_tls_failed(world: World) -> None:
+    before = len(world.k.audit())
+    # The plain-HTTP port, asked for https: the handshake fails.
+    r = curl(world.k, f"https://localhost:{world.upstream.http_port}/v1/x")
+    assert_answer(world, r, 502, "upstream_tls_failed", before)
+
+
+def test_name_that_does_not_resolve_is_upstream_dns_failed(world: World) -> None:
+    before = len(world.k.audit())
+    r = curl(world.k, "http://nonexistent.invalid/v1/x")
+    rec = assert_answer(world, r, 502, "upstream_dns_failed", before)
+    assert rec["decision"]["allow"] is True
+
+
+def test_refused_upstream_port_is_a_json_forbidden(world: World) -> None:
+    before = len(world.k.audit())
+    r = curl(world.k, f"http://localhost:{world.refused_port}/v1/x")
+    rec = assert_answer(world, r, 403, "forbidden", before)
+    assert "refused" in rec["outcome"]["message"] or "port" in rec["outcome"]["message"]
+
+
+def test_second_request_to_a_failed_upstream_on_the_same_connection_is_answered_too(world: World) -> None:
+    # mitmproxy caches the failed connection per client connection and fails the next request
+    # without running any connection hook: the answer must still name the cause.
+    port = closed_port()
+    before = len(world.k.audit())
+    with socket.create_connection(("127.0.0.1", world.k.config["listen"]["port"]), timeout=5) as s:
+        req = f"GET http://localhost:{port}/v1/a HTTP/1.1\r\nHost: localhost:{port}\r\n\r\n".encode()
+        s.sendall(req)
+        first = read_response(s)
+    assert first.status == 502 and first.json()["error"] == "upstream_unreachable"
+    assert first.headers.get("connection") == "close"
+    assert len(world.audit_since(before)) == 1
+
+
+# -- malformed requests ------------------------------------------------------------------------
+
+
+@dataclass
+class Raw:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    head: bytes = b""
+    rest: bytes = b""
+    closed: bool = False
+    interim: list[int] = field(default_factory=list)
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    @property
+    def decision_id(self) -> str | None:
+        return self.headers.get("keyless-decision-id")
+
+
+def read_response(s: socket.socket, *, until_close: bool = False, timeout: float = 5.0) -> Raw:
+    """One response (after any 1xx) read off ``s``; ``until_close`` also waits for EOF."""
+    s.settimeout(timeout)
+    buf = b""
+    interim: list[int] = []
+    while True:
+        while b"\r\n\r\n" not in buf:
+            chunk = s.recv(65536)
+            if not chunk:
+                raise AssertionError(f"connection closed before a response: {buf!r}")
+            buf += chunk
+        head, buf = buf.split(b"\r\n\r\n", 1)
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        if 100 <= status < 200:
+            interim.append(status)
+            continue
+        break
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    length = int(headers.get("content-length", "0"))
+    while len(buf) < length:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        buf += chunk
+    body, rest = buf[:length], buf[length:]
+    closed = False
+    if until_close:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                chunk = s.recv(65536)
+            except ConnectionResetError:
+                closed = True
+                break
+            if not chunk:
+                closed = True
+                break
+            rest += chunk
+    return Raw(status, headers, body, head, rest, closed, interim)
+
+
+def raw_exchange(w: World, data: bytes) -> Raw:
+    with socket.create_connection(("127.0.0.1", w.k.config["listen"]["port"]), timeout=5) as s:
+        s.sendall(data)
+        return read_response(s, until_close=True)
+
+
+def assert_raw_answer(w: World, r: Raw, status: int, code: str, before: int) -> dict[str, Any]:
+    assert r.status == status, (r.head, r.body[:300])
+    assert r.headers.get("content-type") == "application/json"
+    body = r.json()
+    assert body["error"] == code and r.decision_id and body["decision_id"] == r.decision_id
+    (rec,) = w.audit_since(before, r.decision_id)
+    assert rec["outcome"]["error"] == code and rec["outcome"]["status"] == status
+    return rec
+
+
+@pytest.mark.parametrize("request_bytes", [
+    pytest.param(b"NOT A REQUEST LINE\r\n\r\n", id="request-line"),
+    pytest.param(b"GET /v1/x HTTP/1.1\r\nHost: localhost\r\nContent-Length: abc\r\n\r\n", id="content-length"),
+    pytest.param(b"GET /v1/x HTTP/1.1\r\nHost: localhost\r\nBad Header Line\r\n\r\n", id="header-line"),
+])
+def test_request_mitmproxy_cannot_parse_is_a_json_400(world: World, request_bytes: bytes) -> None:
+    before = len(world.k.audit())
+    r = raw_exchange(world, request_bytes)
+    rec = assert_raw_answer(world, r, 400, "bad_request", before)
+    assert r.closed and rec["decision"] is None
+    assert world.upstream.received == []
+
+
+def test_parse_error_never_echoes_the_header_line(world: World) -> None:
+    before = len(world.k.audit())
+    r = raw_exchange(world, b"GET /v1/x HTTP/1.1\r\nHost: localhost\r\nAuthorization Bearer s3cr3t-value\r\n\r\n")
+    assert r.status == 400
+    assert b"s3cr3t" not in r.body and "s3cr3t" not in json.dumps(world.audit_since(before))
+
+
+def test_request_without_host_is_a_json_400(world: World) -> None:
+    before = len(world.k.audit())
+    r = raw_exchange(world, b"GET /v1/x HTTP/1.1\r\n\r\n")
+    assert_raw_answer(world, r, 400, "bad_request", before)
+
+
+def test_smuggling_framing_is_bad_request_not_an_upstream_outage(world: World) -> None:
+    port = world.upstream.http_port
+    before = len(world.k.audit())
+    r = raw_exchange(world, (
+        f"POST http://localhost:{port}/v1/x HTTP/1.1\r\nHost: localhost:{port}\r\n"
+        "Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n").encode())
+    rec = assert_raw_answer(world, r, 400, "bad_request", before)
+    assert rec["request"]["path"] == "/v1/x"
+    assert world.upstream.received == []
+
+
+# -- request body limit, Connection: close, Expect -----------------------------------------------
+
+
+def test_declared_length_over_the_limit_is_refused_before_the_body(world: World) -> None:
+    port = world.upstream.http_port
+    before = len(world.k.audit())
+    with socket.create_connection(("127.0.0.1", world.k.config["listen"]["port"]), timeout=5) as s:
+        # Headers only: the answer must come without a byte of the body being sent.
+        s.sendall(f"POST http://localhost:{port}/v1/up HTTP/1.1\r\nHost: localhost:{port}\r\n"
+                  f"Content-Length: {LIMIT + 1}\r\n\r\n".encode())
+        r = read_response(s, until_close=True)
+    assert_raw_answer(world, r, 413, "body_too_large", before)
+    assert r.headers.get("connection") == "close" and r.closed
+    assert world.upstream.received == []
+
+
+def test_chunked_body_over_the_limit_is_refused_and_not_forwarded(world: World) -> None:
+    port = world.upstream.http_port
+    before = len(world.k.audit())
+    with socket.create_connection(("127.0.0.1", world.k.config["listen"]["port"]), timeout=5) as s:
+        s.sendall(f"POST http://localhost:{port}/v1/up HTTP/1.1\r\nHost: localhost:{port}\r\n"
+                  "Transfer-Encoding: chunked\r\n\r\n".encode())
+        chunk = b"x" * 65536
+        for _ in range(LIMIT // len(chunk) + 2):
+            s.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        r = read_response(s, until_close=True)
+    rec = assert_raw_answer(world, r, 413, "body_too_large", before)
+    assert rec["decision"]["allow"] is True and r.closed
+    assert world.upstream.received == []
+
+
+def test_body_at_the_limit_is_forwarded(world: World) -> None:
+    world.upstream.received.clear()
+    r = subprocess.run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-H", "Expect:",
+                        "--data-binary", "@-", world.upstream.url("/v1/exact", tls=False)],
+                       input=b"y" * LIMIT, env=world.k.client_env(), capture_output=True, timeout=30)
+    assert r.stdout == b"200"
+    assert [len(x.body) for x in world.upstream.received] == [LIMIT]
+    world.upstream.received.clear()
+
+
+@pytest.fixture(scope="module")
+def roomy(tmp_path_factory: pytest.TempPathFactory, world: World) -> Iterator[World]:
+    """Keyless with the default request limit (64m), beside the module's 1m one."""
+    tmp = tmp_path_factory.mktemp("wire-answers-roomy")
+    k = Keyless(tmp, _config(tmp, world.upstream, closed_port())).start()
+    try:
+        yield World(k, world.upstream, world.untrusted, 0)
+    finally:
+        k.stop()
+
+
+def test_curl_uploading_20mb_to_a_denied_url_finishes_quickly(roomy: World, tmp_path: Path) -> None:
+    world = roomy
+    big = tmp_path / "big"
+    big.write_bytes(b"z" * (20 << 20))
+    for expect in ("Expect:", "Expect: 100-continue"):
+        before = len(world.k.audit())
+        started = time.monotonic()
+        out = subprocess.run(["curl", "-sS", "--max-time", "20", "-H", expect, "-D", "-", "--data-binary",
+                              f"@{big}", world.upstream.url("/denied/upload", tls=False)],
+                             env=world.k.client_env(), capture_output=True, timeout=30)
+        elapsed = time.monotonic() - started
+        text = out.stdout.decode(errors="replace")
+        assert " 403 " in text.splitlines()[0], (expect, out.stderr, text[:300])
+        assert "100 Continue" not in text
+        body = json.loads(text.split("\r\n\r\n", 1)[1])
+        assert body["error"] == "forbidden"
+        assert elapsed < 5, (expect, elapsed)
+        (rec,) = world.audit_since(before, body["decision_id"])
+        assert rec["outcome"]["status"] == 403
+    assert world.upstream.received == []
+
+
+def test_refused_request_with_expect_gets_no_100_continue(world: World) -> None:
+    port = world.upstream.http_port
+    before = len(world.k.audit())
+    with socket.create_connection(("127.0.0.1", world.k.config["listen"]["port"]), timeout=5) as s:
+        s.sendall(f"POST http://localhost:{port}/denied/x HTTP/1.1\r\nHost: localhost:{port}\r\n"
+                  "Content-Length: 500000\r\nExpect: 100-continue\r\n\r\n".encode())
+        r = read_response(s, until_close=True)
+    assert r.interim == [] and not r.head.startswith(b"HTTP/1.1 100")
+    assert_raw_answer(world, r, 403, "forbidden", before)
+    assert r.headers.get("connection") == "close" and r.closed
+
+
+def test_allowed_request_with_expect_gets_100_then_the_body_reaches_the_upstream(world: World) -> None:
+    port = world.upstream.http_port
+    world.upstream.received.clear()
+    body = b"b" * 300_000
+    with socket.create_connection(("127.0.0.1", world.k.config["listen"]["port"]), timeout=5) as s:
+        s.sendall(f"POST http://localhost:{port}/v1/expect HTTP/1.1\r\nHost: localhost:{port}\r\n"
+                  f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n".encode())
+        s.settimeout(5)
+        interim = s.recv(1024)
+        assert interim.startswith(b"HTTP/1.1 100"), interim
+        s.sendall(body)
+        r = read_response(s)
+    assert r.status == 200 and r.decision_id
+    assert [x.body for x in world.upstream.received] == [body]
+    assert "expect" not in world.upstream.received[0].headers
+    world.upstream.received.clear()
+
+
+def test_refused_request_that_sent_its_body_keeps_the_connection(world: World) -> None:
+    # Nothing left unread: the refusal goes out the ordinary way and the connection stays usable.
+    port = world.upstream.http_port
+    with socket.create_connection(("127.0.0.1", world.k.config["listen"]["port"]), timeout=5) as s:
+        s.sendall(f"GET http://localhost:{port}/denied/a HTTP/1.1\r\nHost: localhost:{port}\r\n\r\n".encode())
+        first = read_response(s)
+        s.sendall(f"GET http://localhost:{port}/v1/b HTTP/1.1\r\nHost: localhost:{port}\r\n\r\n".encode())
+        second = read_response(s)
+    assert first.status == 403 and first.json()["error"] == "forbidden"
+    assert second.status == 200
+
+
+# -- responses are not limited by the request limit -------------------------------------------
+
+
+class BigServer:
+    """A plain HTTP server answering every request with ``size`` bytes."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.sock.getsockname()[1])
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                buf = b""
+                while b"\r\n\r\n" not in buf:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    buf += chunk
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % self.size)
+                conn.sendall(b"d" * self.size)
+
+
+def test_response_larger_than_the_request_limit_is_delivered(world: World) -> None:
+    server = BigServer(4 * LIMIT)
+    out = subprocess.run(["curl", "-sS", "-o", "-", f"http://localhost:{server.port}/v1/big"],
+                         env=world.k.client_env(), capture_output=True, timeout=30)
+    server.sock.close()
+    assert len(out.stdout) == 4 * LIMIT, out.stderr
+
+
+# -- streamed request bodies ----------------------------------------------------------------
+
+
+def test_streamed_body_over_the_limit_is_cut_and_refused(tmp_path: Path, upstream: Upstream) -> None:
+    k = StreamingKeyless(tmp_path, _config(tmp_path, upstream, closed_port(), max_request_body="256k")).start()
+    w = World(k, upstream, upstream, 0)
+    try:
+        port = upstream.http_port
+        small = subprocess.run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-H", "Expect:",
+                                "-H", "Transfer-Encoding: chunked", "--data-binary", "@-",
+                                upstream.url("/v1/small", tls=False)],
+                               input=b"s" * 100_000, env=k.client_env(), capture_output=True, timeout=30)
+        assert small.stdout == b"200"
+        assert [len(x.body) for x in upstream.received] == [100_000]
+        before = len(k.audit())
+        with socket.create_connection(("127.0.0.1", k.config["listen"]["port"]), timeout=5) as s:
+            s.sendall(f"POST http://localhost:{port}/v1/big HTTP/1.1\r\nHost: localhost:{port}\r\n"
+                      "Transfer-Encoding: chunked\r\n\r\n".encode())
+            chunk = b"x" * 65536
+            for _ in range(8):
+                s.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            r = read_response(s, until_close=True)
+        assert_raw_answer(w, r, 413, "body_too_large", before)
+        # The upstream saw the start of the body but never a complete request.
+        assert len(upstream.received) == 1
+    finally:
+        k.stop()
