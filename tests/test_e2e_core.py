@@ -554,10 +554,11 @@ def test_untrusted_upstream_certificate_is_refused(env: Env, tmp_path: Path) -> 
         before = len(env.k.audit())
         r = curl(env.k, stranger.url("/v1/x"))
         assert r.status == 502, r.body
+        assert r.json()["error"] == "upstream_tls_failed"
         assert stranger.received == []
         records = wait_for_audit(env.k, before + 1)
         assert len(records) == before + 1
-        assert records[-1]["outcome"]["error"] is not None
+        assert records[-1]["outcome"]["error"] == "upstream_tls_failed"
         assert "certificate" in records[-1]["outcome"]["message"].lower()
     finally:
         stranger.stop()

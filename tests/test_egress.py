@@ -206,11 +206,12 @@ def test_refused_networks_end_to_end(tmp_path: Path, upstream: Upstream) -> None
         out = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-x", k.proxy_url,
                               f"http://127.0.0.1:{upstream.http_port}/v1/x"], capture_output=True, text=True,
                              timeout=30)
-        assert out.stdout == "502"
+        assert out.stdout == "403"  # Keyless's JSON refusal, not mitmproxy's 502 page
         records = wait_for_audit(k, 1)
     finally:
         k.stop()
     assert upstream.received == []
+    assert records[-1]["outcome"]["error"] == "forbidden" and records[-1]["outcome"]["status"] == 403
     assert "refused_networks" in records[-1]["outcome"]["message"]
 
 

@@ -453,6 +453,67 @@ class BigServer:
                 conn.sendall(b"d" * self.size)
 
 
+class ScriptedServer:
+    """A plain HTTP server that answers every request with ``reply`` bytes, then closes."""
+
+    def __init__(self, reply: bytes) -> None:
+        self.reply = reply
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.sock.getsockname()[1])
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                buf = b""
+                while b"\r\n\r\n" not in buf:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    buf += chunk
+                conn.sendall(self.reply)
+
+
+@pytest.mark.parametrize("reply", [
+    pytest.param(b"", id="closes-without-answer"),
+    pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+                 id="smuggling-framing"),
+    pytest.param(b"NOT HTTP AT ALL\r\n\r\n", id="garbage"),
+    # Buffered: nothing of it reached the client yet, so the client still gets a clean answer.
+    pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\ntruncated", id="truncated-body"),
+])
+def test_upstream_that_fails_before_its_answer_is_complete_is_upstream_failed(world: World, reply: bytes) -> None:
+    server = ScriptedServer(reply)
+    try:
+        before = len(world.k.audit())
+        r = curl(world.k, f"http://localhost:{server.port}/v1/x")
+        rec = assert_answer(world, r, 502, "upstream_failed", before)
+        assert rec["decision"]["allow"] is True
+    finally:
+        server.sock.close()
+
+
+def test_client_that_keeps_uploading_without_reading_is_cut_off(roomy: World) -> None:
+    port = roomy.upstream.http_port
+    sent = 0
+    with socket.create_connection(("127.0.0.1", roomy.k.config["listen"]["port"]), timeout=5) as s:
+        s.sendall(f"POST http://localhost:{port}/denied/flood HTTP/1.1\r\nHost: localhost:{port}\r\n"
+                  f"Content-Length: {60 << 20}\r\n\r\n".encode())
+        chunk = b"f" * 65536
+        started = time.monotonic()
+        with pytest.raises(OSError):  # EPIPE / ECONNRESET once Keyless stops reading
+            while sent < 60 << 20:
+                s.sendall(chunk)
+                sent += len(chunk)
+        assert time.monotonic() - started < 10
+    # Keyless read and dropped a bounded amount (plus what the socket buffers held).
+    assert sent < 30 << 20
+
+
 def test_response_larger_than_the_request_limit_is_delivered(world: World) -> None:
     server = BigServer(4 * LIMIT)
     out = subprocess.run(["curl", "-sS", "-o", "-", f"http://localhost:{server.port}/v1/big"],
@@ -488,3 +549,156 @@ def test_streamed_body_over_the_limit_is_cut_and_refused(tmp_path: Path, upstrea
         assert len(upstream.received) == 1
     finally:
         k.stop()
+
+
+# -- HTTP/2 -----------------------------------------------------------------------------------
+
+
+class H2Client:
+    """A minimal HTTP/2 client (the h2 library) through a CONNECT tunnel, TLS with Keyless's CA."""
+
+    def __init__(self, k: Keyless, port: int) -> None:
+        import ssl
+
+        import h2.config
+        import h2.connection
+
+        raw = socket.create_connection(("127.0.0.1", k.config["listen"]["port"]), timeout=5)
+        raw.sendall(f"CONNECT localhost:{port} HTTP/1.1\r\nHost: localhost:{port}\r\n\r\n".encode())
+        assert read_response(raw).status == 200
+        ctx = ssl.create_default_context(cafile=str(k.ca_cert))
+        ctx.set_alpn_protocols(["h2"])
+        self.sock = ctx.wrap_socket(raw, server_hostname="localhost")
+        assert self.sock.selected_alpn_protocol() == "h2"
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self.conn.initiate_connection()
+        self.authority = f"localhost:{port}"
+        self._flush()
+
+    def _flush(self) -> None:
+        self.sock.sendall(self.conn.data_to_send())
+
+    def start(self, method: str, path: str, *, end_stream: bool, length: int | None = None) -> int:
+        sid: int = self.conn.get_next_available_stream_id()
+        headers = [(":method", method), (":scheme", "https"), (":authority", self.authority), (":path", path)]
+        if length is not None:
+            headers.append(("content-length", str(length)))
+        self.conn.send_headers(sid, headers, end_stream=end_stream)
+        self._flush()
+        return sid
+
+    def result(self, sid: int, timeout: float = 5.0) -> tuple[int, dict[str, str], bytes, bool]:
+        """(status, headers, body, reset) of stream ``sid``: reset is True when Keyless reset it."""
+        import h2.events
+
+        status, headers, body = 0, {}, b""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            data = self.sock.recv(65536)
+            if not data:
+                break
+            for ev in self.conn.receive_data(data):
+                if isinstance(ev, h2.events.ResponseReceived) and ev.stream_id == sid:
+                    headers = {k.decode(): v.decode() for k, v in ev.headers}
+                    status = int(headers[":status"])
+                elif isinstance(ev, h2.events.DataReceived) and ev.stream_id == sid:
+                    body += ev.data
+                    self.conn.acknowledge_received_data(ev.flow_controlled_length, sid)
+                elif isinstance(ev, h2.events.StreamEnded) and ev.stream_id == sid:
+                    self._flush()
+                    return status, headers, body, False
+                elif isinstance(ev, h2.events.StreamReset) and ev.stream_id == sid:
+                    return status, headers, body, True
+            self._flush()
+        raise AssertionError(f"stream {sid} did not end: {status} {body[:200]!r}")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_http2_refusal_goes_out_before_the_body_and_the_connection_stays_usable(world: World) -> None:
+    client = H2Client(world.k, world.upstream.https_port)
+    try:
+        before = len(world.k.audit())
+        sid = client.start("POST", "/denied/h2", end_stream=False, length=500_000)
+        status, headers, body, _ = client.result(sid)
+        assert status == 403 and json.loads(body)["error"] == "forbidden"
+        assert headers["keyless-decision-id"] == json.loads(body)["decision_id"]
+        world.audit_since(before, headers["keyless-decision-id"])
+        ok = client.start("GET", "/v1/h2-after", end_stream=True)
+        assert client.result(ok)[0] == 200
+    finally:
+        client.close()
+
+
+def test_http2_body_over_the_declared_limit_is_a_json_413(world: World) -> None:
+    client = H2Client(world.k, world.upstream.https_port)
+    try:
+        before = len(world.k.audit())
+        sid = client.start("POST", "/v1/h2-big", end_stream=False, length=LIMIT + 1)
+        status, headers, body, _ = client.result(sid)
+        assert status == 413 and json.loads(body)["error"] == "body_too_large"
+        world.audit_since(before, headers["keyless-decision-id"])
+    finally:
+        client.close()
+
+
+def test_http2_unreachable_upstream_is_a_json_502(world: World) -> None:
+    client = H2Client(world.k, closed_port())
+    try:
+        before = len(world.k.audit())
+        sid = client.start("GET", "/v1/h2", end_stream=True)
+        status, headers, body, _ = client.result(sid)
+        assert status == 502 and json.loads(body)["error"] == "upstream_unreachable"
+        assert headers["content-type"] == "application/json"
+        world.audit_since(before, headers["keyless-decision-id"])
+    finally:
+        client.close()
+
+
+# -- plain functions and config ----------------------------------------------------------------
+
+
+def _listen(tmp: Path, **listen: Any) -> Any:
+    from proxy.config import parse_config
+
+    (tmp / "policy").mkdir(exist_ok=True)
+    raw = {"listen": listen, "tls": {"ca_dir": str(tmp / "ca")}, "policy": {"dir": str(tmp / "policy")}}
+    return parse_config(raw, tmp / "keyless.yaml").listen
+
+
+def test_max_request_body_and_its_deprecated_alias(tmp_path: Path) -> None:
+    from proxy.errors import ConfigError
+
+    assert _listen(tmp_path).max_request_body == 64 << 20
+    assert _listen(tmp_path, max_request_body="512k").max_request_body == 512 << 10
+    assert _listen(tmp_path, max_request_body=1000).max_request_body == 1000
+    assert _listen(tmp_path, max_body_size="2m").max_request_body == 2 << 20
+    for bad, key in (({"max_request_body": "64 MB"}, "listen.max_request_body"),
+                     ({"max_request_body": 0}, "listen.max_request_body"),
+                     ({"max_body_size": "1m", "max_request_body": "1m"}, "listen.max_body_size")):
+        with pytest.raises(ConfigError) as e:
+            _listen(tmp_path, **bad)
+        assert any(p.startswith(key + ":") for p in e.value.problems), e.value.problems
+
+
+def test_connect_errors_are_told_apart_by_errno() -> None:
+    from proxy.answers import connect_error
+
+    assert connect_error("[Errno 111] Connect call failed ('127.0.0.1', 9)").code == "upstream_unreachable"
+    assert connect_error("[Errno -2] Name or service not known").code == "upstream_dns_failed"
+    assert connect_error("[Errno 110] Connect call failed ('10.0.0.1', 443)").code == "upstream_timeout"
+    assert connect_error("Multiple exceptions: [Errno 111] a, [Errno 99] b").code == "upstream_unreachable"
+    assert connect_error("connection cancelled").code == "upstream_unreachable"
+
+
+def test_wire_refusal_never_quotes_the_input() -> None:
+    from proxy.answers import WireError, wire_refusal
+
+    e = wire_refusal(WireError("GENERIC_CLIENT_ERROR", "Invalid header line: b'Authorization Bearer s3cret'"))
+    assert e.code == "bad_request" and "s3cret" not in e.message
+    e = wire_refusal(WireError("REQUEST_VALIDATION_FAILED",
+                               "Received invalid transfer-encoding header: 'x' from client, refusing ..."))
+    assert e.code == "bad_request" and e.message == "malformed request: invalid transfer-encoding header"
+    assert wire_refusal(WireError("GENERIC_SERVER_ERROR", "server closed connection")).code == "upstream_failed"
+    assert not WireError("CLIENT_DISCONNECTED", "Client disconnected.").answerable
