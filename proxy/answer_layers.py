@@ -27,6 +27,7 @@ from collections.abc import Generator
 from typing import Any, Final, Protocol
 
 from mitmproxy import connection, http
+from mitmproxy.flow import Error
 from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands, events
 from mitmproxy.proxy.layers import http as mhttp
@@ -110,6 +111,16 @@ def error_answer(flow: http.HTTPFlow, refused: KeylessError | None, connect_fail
     return error, True
 
 
+def _unreported(flow: http.HTTPFlow) -> WireError:
+    """The cause of an error hook no event announced: a kill (nothing is answered), or
+    check_invalid() refusing a request or response mitmproxy will not forward (smuggling-prone
+    framing)."""
+    msg = flow.error.msg if flow.error else "invalid message"
+    if msg == Error.KILLED_MESSAGE:
+        return WireError("KILL", msg)
+    return WireError(f"{'REQUEST' if flow.response is None else 'RESPONSE'}_VALIDATION_FAILED", msg)
+
+
 def _response(error: KeylessError, decision_id: str, *, close: bool) -> http.Response:
     return http.Response.make(error.status, refusal_body(error, decision_id),
                               refusal_headers(error, decision_id, close=close))
@@ -132,11 +143,7 @@ class KeylessHttpStream(mhttp.HttpStream):
                 flow.metadata.setdefault(WIRE, WireError(event.code.name, event.message))
         for command in super().handle_event(event):
             if isinstance(command, HttpErrorHook) and WIRE not in command.flow.metadata:
-                # check_invalid() reports a request or response mitmproxy refuses to forward
-                # (smuggling-prone framing) through the error hook only.
-                side = "REQUEST" if command.flow.response is None else "RESPONSE"
-                msg = command.flow.error.msg if command.flow.error else "invalid message"
-                command.flow.metadata[WIRE] = WireError(f"{side}_VALIDATION_FAILED", msg)
+                command.flow.metadata[WIRE] = _unreported(command.flow)
             elif isinstance(command, mhttp.SendHttp) and command.connection is self.context.client:
                 ev = command.event
                 if isinstance(ev, ResponseHeaders) and ev.response.status_code >= 200:

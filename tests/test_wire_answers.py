@@ -702,3 +702,34 @@ def test_wire_refusal_never_quotes_the_input() -> None:
     assert e.code == "bad_request" and e.message == "malformed request: invalid transfer-encoding header"
     assert wire_refusal(WireError("GENERIC_SERVER_ERROR", "server closed connection")).code == "upstream_failed"
     assert not WireError("CLIENT_DISCONNECTED", "Client disconnected.").answerable
+
+
+def test_error_answer_from_what_the_layer_recorded() -> None:
+    from mitmproxy.test import tflow
+
+    from proxy.answer_layers import ANSWER, SENT, WIRE, _unreported, error_answer
+    from proxy.answers import WireError, tls_error
+    from proxy.errors import KeylessError
+
+    f = tflow.tflow()
+    f.metadata[WIRE] = WireError("CONNECT_FAILED", "Certificate verify failed: self-signed")
+    found = error_answer(f, None, tls_error("Certificate verify failed"), "d1")
+    assert found is not None and found[0].code == "upstream_tls_failed" and found[1] is True
+    assert f.metadata[ANSWER].decision_id == "d1" and f.metadata[ANSWER].status == 502
+    # A refusal Keyless already made wins over what the wire says.
+    g = tflow.tflow()
+    g.metadata[WIRE] = WireError("REQUEST_VALIDATION_FAILED", "Received both ...")
+    refused = KeylessError("forbidden", "denied")
+    assert error_answer(g, refused, None, "d2") == (refused, True)
+    # After the upstream's headers went out there is nothing left to answer, only to record.
+    h = tflow.tflow(resp=True)
+    h.metadata[WIRE], h.metadata[SENT] = WireError("GENERIC_SERVER_ERROR", "server closed connection"), True
+    found = error_answer(h, None, None, "d3")
+    assert found is not None and found[0].code == "upstream_failed" and found[1] is False and ANSWER not in h.metadata
+    # The client going away, or a kill, is not answered.
+    i = tflow.tflow()
+    i.metadata[WIRE] = WireError("CLIENT_DISCONNECTED", "Client disconnected.")
+    assert error_answer(i, None, None, "d4") is None
+    j = tflow.tflow()
+    j.kill()
+    assert not _unreported(j).answerable
