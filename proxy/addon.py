@@ -260,14 +260,18 @@ class KeylessAddon:
             ex = flow.metadata[_STATE] = Exchange(Source(str(addr[0]), int(addr[1])))
         self._refuse(flow, ex, error)
 
-    def orphan(self, client: connection.Connection, request: http.Request | None, error: KeylessError) -> str:
-        addr = client.peername
-        ex = Exchange(Source(str(addr[0]), int(addr[1])) if addr else Source("", 0))
-        if request is not None:
-            self.broker.describe_request(ex, request.method, request.scheme, request.host, request.port,
-                                         request.path)
-        ex.error = error
-        self._audit(ex, error.status)
+    def orphan(self, client: connection.Connection, request: http.Request | None, error: KeylessError,
+               flow: http.HTTPFlow | None = None) -> str:
+        ex: Exchange | None = flow.metadata.get(_STATE) if flow is not None else None
+        if ex is None:
+            addr = client.peername
+            ex = Exchange(Source(str(addr[0]), int(addr[1])) if addr else Source("", 0))
+            if request is not None:
+                self.broker.describe_request(ex, request.method, request.scheme, request.host, request.port,
+                                             request.path)
+        if not ex.audited:
+            ex.error = error
+            self._audit(ex, error.status)
         return ex.decision_id
 
     def _audit(self, ex: Exchange, status: int | None) -> None:

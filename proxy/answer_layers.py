@@ -70,8 +70,10 @@ class Seam(Protocol):
     def refuse(self, flow: http.HTTPFlow, error: KeylessError) -> None:
         """Set ``flow.response`` to the refusal for ``error``; the response hook audits it."""
 
-    def orphan(self, client: connection.Connection, request: http.Request | None, error: KeylessError) -> str:
-        """Audit a refusal that no flow hook saw (mitmproxy sends none); return its decision id."""
+    def orphan(self, client: connection.Connection, request: http.Request | None, error: KeylessError,
+               flow: http.HTTPFlow | None = None) -> str:
+        """Audit a refusal that no error hook chose (mitmproxy runs none for it), unless ``flow``
+        was audited already; return its decision id."""
 
 
 _seam: Seam | None = None
@@ -162,7 +164,7 @@ class KeylessHttpStream(mhttp.HttpStream):
             # No error hook ran for this error (mitmproxy sends none for a request without a
             # Host header, for instance): audit it here.
             error = wire_refusal(WireError(ev.code.name, ev.message))
-            answer = Answer(error, _the_seam().orphan(self.context.client, self.flow.request, error))
+            answer = Answer(error, _the_seam().orphan(self.context.client, self.flow.request, error, self.flow))
         http1_client = not (self.flow.request.is_http2 or self.flow.request.is_http3)
         resp = _response(answer.error, answer.decision_id, close=http1_client)
         self.flow.metadata[SENT] = True
