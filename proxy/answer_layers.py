@@ -228,12 +228,16 @@ class KeylessHttpStream(mhttp.HttpStream):
     # -- listen.max_request_body -------------------------------------------------------------
 
     def check_body_size(self, request: bool) -> Commands:
-        # Responses are not limited here (mitmproxy's body_size_limit stays unset). A declared
-        # Content-Length over the limit is refused by the requestheaders hook, before the body.
-        if request and len(self.request_body_buf) > _the_seam().max_request_body:
+        # A declared Content-Length over the limit is refused by the requestheaders hook, before
+        # the body. mitmproxy's own check is skipped for requests: its stream_large_bodies would
+        # stream a body to the upstream before the policy decided. Responses keep mitmproxy's
+        # check (body_size_limit stays unset: it would cap requests and responses alike).
+        if not request:
+            return (yield from super().check_body_size(request))
+        if len(self.request_body_buf) > _the_seam().max_request_body:
             yield from self._refuse_body()
             return True
-        return (yield from super().check_body_size(request))
+        return False
 
     def state_stream_request_body(self, event: events.Event) -> Commands:
         if isinstance(event, RequestData):
