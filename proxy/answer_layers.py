@@ -254,12 +254,15 @@ class KeylessHttpStream(mhttp.HttpStream):
 
     def _refuse_body(self) -> Commands:
         seam = _the_seam()
+        error = body_too_large(seam.max_request_body)
         if self.flow.metadata.get(SENT):
-            # The upstream's answer is already on its way: all that is left is to cut it.
+            # The upstream's answer is already on its way: all that is left is to cut it (and
+            # audit that, as no response hook will run).
+            seam.orphan(self.context.client, self.flow.request, error, self.flow)
             yield commands.CloseConnection(self.context.client)
-            self.client_state = self.state_errored
+            self.client_state = self.server_state = self.state_errored
             return
-        seam.refuse(self.flow, body_too_large(seam.max_request_body))
+        seam.refuse(self.flow, error)
         yield from self._answer_now()
 
 

@@ -612,6 +612,25 @@ class H2Client:
             self._flush()
         raise AssertionError(f"stream {sid} did not end: {status} {body[:200]!r}")
 
+    def reset_follows(self, sid: int, timeout: float = 3.0) -> bool:
+        """Whether Keyless resets stream ``sid`` (after its complete answer)."""
+        import h2.events
+
+        deadline = time.monotonic() + timeout
+        self.sock.settimeout(0.5)
+        while time.monotonic() < deadline:
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            if not data:
+                return False
+            events = self.conn.receive_data(data)
+            if any(isinstance(ev, h2.events.StreamReset) and ev.stream_id == sid for ev in events):
+                return True
+            self._flush()
+        return False
+
     def close(self) -> None:
         self.sock.close()
 
@@ -624,6 +643,8 @@ def test_http2_refusal_goes_out_before_the_body_and_the_connection_stays_usable(
         status, headers, body, _ = client.result(sid)
         assert status == 403 and json.loads(body)["error"] == "forbidden"
         assert headers["keyless-decision-id"] == json.loads(body)["decision_id"]
+        # RFC 9113 8.1: the complete answer, then RST_STREAM tells the client to stop uploading.
+        assert client.reset_follows(sid)
         world.audit_since(before, headers["keyless-decision-id"])
         ok = client.start("GET", "/v1/h2-after", end_stream=True)
         assert client.result(ok)[0] == 200
