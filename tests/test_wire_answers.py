@@ -612,6 +612,34 @@ class H2Client:
             self._flush()
         raise AssertionError(f"stream {sid} did not end: {status} {body[:200]!r}")
 
+    def upload(self, sid: int, total: int, timeout: float = 10.0) -> list[Any]:
+        """Send up to ``total`` body bytes on ``sid`` as flow control allows, reading whatever
+        Keyless sends meanwhile; stop once it answers or resets the stream. Returns the events
+        received."""
+        import select
+
+        import h2.events
+
+        got: list[Any] = []
+        sent = 0
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(isinstance(ev, (h2.events.StreamEnded, h2.events.StreamReset)) for ev in got):
+                break
+            window = min(self.conn.local_flow_control_window(sid), self.conn.max_outbound_frame_size, total - sent)
+            if window > 0:
+                self.conn.send_data(sid, b"u" * window)
+                sent += window
+                self._flush()
+            readable, _, _ = select.select([self.sock], [], [], 0 if window > 0 else 0.2)
+            if readable or self.sock.pending():
+                data = self.sock.recv(65536)
+                if not data:
+                    break
+                got.extend(self.conn.receive_data(data))
+                self._flush()
+        return got
+
     def reset_follows(self, sid: int, timeout: float = 3.0) -> bool:
         """Whether Keyless resets stream ``sid`` (after its complete answer)."""
         import h2.events
@@ -754,3 +782,22 @@ def test_error_answer_from_what_the_layer_recorded() -> None:
     j = tflow.tflow()
     j.kill()
     assert not _unreported(j).answerable
+
+
+def test_http2_body_without_length_growing_over_the_limit_is_a_json_413(world: World) -> None:
+    import h2.events
+
+    client = H2Client(world.k, world.upstream.https_port)
+    try:
+        world.upstream.received.clear()
+        before = len(world.k.audit())
+        sid = client.start("POST", "/v1/h2-growing", end_stream=False)  # no content-length (legal in h2)
+        got = client.upload(sid, 3 * LIMIT)
+        heads = [dict((k.decode(), v.decode()) for k, v in ev.headers) for ev in got
+                 if isinstance(ev, h2.events.ResponseReceived)]
+        assert heads and heads[0][":status"] == "413", got
+        (rec,) = world.audit_since(before, heads[0]["keyless-decision-id"])
+        assert rec["outcome"]["error"] == "body_too_large"
+        assert world.upstream.received == []
+    finally:
+        client.close()
