@@ -801,3 +801,18 @@ def test_http2_body_without_length_growing_over_the_limit_is_a_json_413(world: W
         assert world.upstream.received == []
     finally:
         client.close()
+
+
+def test_curl_with_expect_gets_100_after_the_decision_and_uploads_to_an_allowed_url(roomy: World,
+                                                                                   tmp_path: Path) -> None:
+    body = tmp_path / "body"
+    body.write_bytes(b"e" * 1_000_000)  # the aiohttp upstream takes at most 1 MiB
+    roomy.upstream.received.clear()
+    out = subprocess.run(["curl", "-sS", "--max-time", "20", "-H", "Expect: 100-continue", "-D", "-", "-o",
+                          "/dev/null", "--data-binary", f"@{body}", roomy.upstream.url("/v1/up", tls=False)],
+                         env=roomy.k.client_env(), capture_output=True, timeout=30)
+    text = out.stdout.decode(errors="replace")
+    assert text.startswith("HTTP/1.1 100 Continue"), (out.stderr, text[:300])
+    assert "HTTP/1.1 200" in text
+    assert [len(r.body) for r in roomy.upstream.received] == [1_000_000]
+    roomy.upstream.received.clear()
