@@ -522,6 +522,17 @@ def test_response_larger_than_the_request_limit_is_delivered(world: World) -> No
     assert len(out.stdout) == 4 * LIMIT, out.stderr
 
 
+def test_download_over_64_mib_is_not_capped_by_default(roomy: World) -> None:
+    # mitmproxy's body_size_limit (once set to the request limit) also capped responses: 502.
+    size = (64 << 20) + 1
+    server = BigServer(size)
+    out = subprocess.run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code} %{size_download}",
+                          f"http://localhost:{server.port}/v1/big"], env=roomy.k.client_env(), capture_output=True,
+                         text=True, timeout=60)
+    server.sock.close()
+    assert out.stdout == f"200 {size}", out.stderr
+
+
 # -- streamed request bodies ----------------------------------------------------------------
 
 
