@@ -133,7 +133,6 @@ class KeylessHttpStream(mhttp.HttpStream):
 
     _body_pending = False
     _body_seen = 0
-    _discarded = 0
 
     def handle_event(self, event: events.Event) -> Commands:
         flow: http.HTTPFlow | None = getattr(self, "flow", None)
@@ -172,8 +171,10 @@ class KeylessHttpStream(mhttp.HttpStream):
         yield mhttp.SendHttp(ResponseData(self.stream_id, resp.raw_content or b""), self.context.client)
         yield mhttp.SendHttp(ResponseEndOfMessage(self.stream_id), self.context.client)
         if http1_client:
-            # As mitmproxy does after its own error page; Connection: close says so.
-            yield commands.CloseConnection(self.context.client)
+            # As mitmproxy does after its own error page (Connection: close says so); if the
+            # body is still arriving, as after an early refusal (KeylessHttp1Server bounds it).
+            complete = self.client_state == self.state_done or not self._body_pending
+            yield commands.CloseTcpConnection(self.context.client, half_close=not complete)
 
     # -- a refusal set in requestheaders is answered before the body ----------------------------
 
@@ -208,7 +209,8 @@ class KeylessHttpStream(mhttp.HttpStream):
         yield from self.send_response()  # the response hook audits it
         yield mhttp.SendHttp(ResponseEndOfMessage(self.stream_id), self.context.client)
         if http1_client:
-            # FIN after the answer; what the client still sends is read and dropped.
+            # FIN after the answer; what the client still sends is read and dropped (up to
+            # DISCARD_LIMIT, see KeylessHttp1Server.read_body).
             yield commands.CloseTcpConnection(self.context.client, half_close=True)
         else:
             # RFC 9113 8.1: a complete response, then RST_STREAM stops the upload.
@@ -218,11 +220,7 @@ class KeylessHttpStream(mhttp.HttpStream):
         self.flow.live = False
 
     def _state_discard_body(self, event: events.Event) -> Commands:
-        if isinstance(event, RequestData):
-            self._discarded += len(event.data)
-            if self._discarded > DISCARD_LIMIT:
-                yield commands.CloseConnection(self.context.client)
-        elif isinstance(event, RequestEndOfMessage):
+        if isinstance(event, RequestEndOfMessage):
             yield mhttp.DropStream(self.stream_id)
 
     # -- listen.max_request_body -------------------------------------------------------------
@@ -267,7 +265,20 @@ class KeylessHttpStream(mhttp.HttpStream):
 
 
 class KeylessHttp1Server(_http1.Http1Server):
-    """mitmproxy's Http1Server, answering a request head it cannot parse with a JSON 400."""
+    """mitmproxy's Http1Server, answering a request head it cannot parse with a JSON 400, and
+    closing the connection once it has dropped DISCARD_LIMIT bytes of a body that was answered
+    before it arrived."""
+
+    _discarded = 0
+
+    def read_body(self, event: events.Event) -> Commands:
+        if self.response_done and isinstance(event, events.DataReceived):
+            self._discarded += len(event.data)
+            if self._discarded > DISCARD_LIMIT:
+                yield commands.CloseConnection(self.conn)
+                self.state = self.done
+                return
+        yield from super().read_body(event)
 
     def read_headers(self, event: events.ConnectionEvent) -> Commands:
         out = list(super().read_headers(event))  # only non-blocking commands are yielded here

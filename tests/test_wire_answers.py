@@ -558,6 +558,17 @@ def test_streamed_body_over_the_limit_is_cut_and_refused(tmp_path: Path, upstrea
         assert_raw_answer(w, r, 413, "body_too_large", before)
         # The upstream saw the start of the body but never a complete request.
         assert len(upstream.received) == 1
+        # A streamed request whose upstream cannot be reached: answered while its body is still
+        # on the way, and the connection ends instead of waiting for the rest.
+        dead = closed_port()
+        before = len(k.audit())
+        with socket.create_connection(("127.0.0.1", k.config["listen"]["port"]), timeout=5) as s:
+            s.sendall(f"POST http://localhost:{dead}/v1/up HTTP/1.1\r\nHost: localhost:{dead}\r\n"
+                      "Transfer-Encoding: chunked\r\n\r\n".encode())
+            s.sendall(b"%x\r\n%s\r\n" % (1000, b"c" * 1000))
+            r = read_response(s, until_close=True)
+        assert_raw_answer(w, r, 502, "upstream_unreachable", before)
+        assert r.closed
     finally:
         k.stop()
 
