@@ -22,6 +22,9 @@ DECISION_HEADER: Final = "Keyless-Decision-Id"
 # mitmproxy's ErrorCode names, by who caused the error (mitmproxy/proxy/layers/http/_events.py).
 _CLIENT_CODES: Final = frozenset({"GENERIC_CLIENT_ERROR", "REQUEST_VALIDATION_FAILED", "DESTINATION_UNKNOWN"})
 _UPSTREAM_CODES: Final = frozenset({"GENERIC_SERVER_ERROR", "RESPONSE_VALIDATION_FAILED", "RESPONSE_TOO_LARGE"})
+# The codes mitmproxy answers with a status (ErrorCode.http_status_code()); the others (kill,
+# client gone, cancel, passthrough close) only end the connection or stream.
+_ANSWERED_CODES: Final = _CLIENT_CODES | _UPSTREAM_CODES | {"CONNECT_FAILED", "REQUEST_TOO_LARGE"}
 
 _ERRNO: Final = re.compile(r"\[Errno (-?\d+)\]")
 # errno values for a connect that timed out; negative ones are getaddrinfo's EAI_* codes.
@@ -56,8 +59,7 @@ class WireError:
     def answerable(self) -> bool:
         """Whether mitmproxy would answer the client at all (it only closes on kills and on
         errors the client caused by going away)."""
-        return self.code == "CONNECT_FAILED" or self.code in _CLIENT_CODES or self.code in _UPSTREAM_CODES \
-            or self.code == "REQUEST_TOO_LARGE"
+        return self.code in _ANSWERED_CODES
 
 
 def refusal_body(error: KeylessError, decision_id: str) -> bytes:

@@ -838,3 +838,13 @@ def test_curl_with_expect_gets_100_after_the_decision_and_uploads_to_an_allowed_
     assert "HTTP/1.1 200" in text
     assert [len(r.body) for r in roomy.upstream.received] == [1_000_000]
     roomy.upstream.received.clear()
+
+
+def test_answered_codes_are_exactly_those_mitmproxy_answers_with_a_page() -> None:
+    # If a mitmproxy upgrade adds an error code with a status, this says where to classify it.
+    from mitmproxy.proxy.layers.http._events import ErrorCode
+
+    from proxy.answers import WireError
+
+    for code in ErrorCode:
+        assert WireError(code.name, "").answerable == (code.http_status_code() is not None), code
