@@ -269,6 +269,8 @@ class KeylessAddon:
             if request is not None:
                 self.broker.describe_request(ex, request.method, request.scheme, request.host, request.port,
                                              request.path)
+            else:  # not even a request line could be read
+                ex.request = {"method": None, "scheme": None, "host": None, "port": None, "path": None}
         if not ex.audited:
             ex.error = error
             self._audit(ex, error.status)

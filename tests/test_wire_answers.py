@@ -281,6 +281,7 @@ def test_request_mitmproxy_cannot_parse_is_a_json_400(world: World, request_byte
     r = raw_exchange(world, request_bytes)
     rec = assert_raw_answer(world, r, 400, "bad_request", before)
     assert r.closed and rec["decision"] is None
+    assert set(rec["request"]) >= {"method", "scheme", "host", "port", "path"}
     assert world.upstream.received == []
 
 
