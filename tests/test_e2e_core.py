@@ -727,10 +727,11 @@ def test_upstream_connect_failure_is_a_json_refusal(env: Env) -> None:
     assert r.json()["decision_id"] == rec["decision_id"]
 
 
-def test_request_bodies_over_max_request_body_are_refused(tmp_path: Path, upstream: Upstream) -> None:
+def test_request_bodies_over_max_body_size_are_refused(tmp_path: Path, upstream: Upstream) -> None:
+    # listen.max_body_size: the deprecated name of listen.max_request_body, still honoured.
     (tmp_path / "key").write_text("body-limit-canary\n")
     cfg = base_config(tmp_path, upstream, listen={"address": "127.0.0.1", "port": free_port(),
-                                                  "max_request_body": "1k"},
+                                                  "max_body_size": "1k"},
                       credentials={"workload-jwt": {"type": "jwt"},
                                    "demo-api": {"type": "static", "from": "file", "file": str(tmp_path / "key")}})
     k = Keyless(tmp_path, cfg).start()
