@@ -14,7 +14,8 @@ by :func:`install`, change exactly that:
   reading the body (HTTP/1: ``Connection: close``, FIN after the answer, the rest of the body
   read and dropped up to a bound, then the connection closed; HTTP/2: the stream is reset);
   and enforces ``listen.max_request_body`` on buffered and streamed bodies.
-- ``KeylessHttp1Server`` renders the 400 page for a request head mitmproxy cannot parse.
+- ``KeylessHttp1Server`` renders the 400 page for a request head mitmproxy cannot parse, and
+  closes a connection once it has dropped ``DISCARD_LIMIT`` bytes of a body answered early.
 
 The subclasses record what they saw in ``flow.metadata`` (:data:`WIRE`, :data:`SENT`); which
 refusal that becomes is decided by plain functions in ``proxy.answers``.
