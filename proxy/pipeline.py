@@ -28,6 +28,7 @@ from typing import Any
 
 from cryptography import x509
 
+from proxy import answers
 from proxy.audit import AuditSink
 from proxy.audit.event import AuditEvent, Outcome, RequestRecord
 from proxy.authority import Target, check_authority, cut, target
@@ -76,6 +77,8 @@ class RequestView:
     query: Sequence[tuple[str, str]]
     headers: Sequence[tuple[str, str]]
     proxy_authorization: Sequence[str] = ()
+    # Why mitmproxy's HTTP layer would not forward this request (smuggling-prone framing).
+    wire_error: str | None = None
 
 
 @dataclass(slots=True)
@@ -189,6 +192,12 @@ class Pipeline:
         # destination: the raw host (cut short) is recorded until it is known to parse
         path = view.path.split("?", 1)[0]
         ex.request = RequestRecord(view.method, view.scheme, cut(view.host), view.port, path)
+        # framing: what mitmproxy will not forward is never decided, and a declared body over
+        # the limit is refused before a byte of it is read
+        if view.wire_error is not None:
+            raise answers.wire_refusal(answers.WireError("REQUEST_VALIDATION_FAILED", view.wire_error))
+        answers.check_declared_size([v for n, v in view.headers if n.lower() == "content-length"],
+                                    self.config.listen.max_request_body)
         dest = target(view.host, view.port)
         host = dest.host
         ex.request = RequestRecord(view.method, view.scheme, host, view.port, path)

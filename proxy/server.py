@@ -119,6 +119,7 @@ async def serve(prep: Prepared, *, reuse_port: bool = False) -> int:
     from mitmproxy.master import Master
 
     from proxy.addon import KeylessAddon
+    from proxy.answer_layers import install as install_answers
 
     config = prep.config
     ca_cert = ensure_ca(config.tls.ca_dir)
@@ -160,8 +161,11 @@ async def serve(prep: Prepared, *, reuse_port: bool = False) -> int:
         # Ask clients for a certificate only when an mtls provider will verify it (mitmproxy
         # itself accepts any certificate; some clients hang up when asked for one they lack).
         request_client_cert=any(p.type == "mtls" for p in config.trust),
-        body_size_limit=config.listen.max_body_size,
+        # body_size_limit stays unset: it caps requests and responses alike and answers with
+        # mitmproxy's page. Keyless limits requests itself (listen.max_request_body).
     )
+    # Keyless's JSON answers in place of mitmproxy's error pages (proxy/answer_layers.py).
+    install_answers(keyless_addon)
 
     def is_ready() -> bool:
         # Ready once mitmproxy listens and the policy engine has answered (OPA: at least once).
