@@ -1,4 +1,4 @@
-"""``keyless``: run | check | ca | env | iptables | demo | demo-api | policy test | policy eval."""
+"""``keyless``: run | check | init | ca | env | iptables | injector | demo | demo-api | policy test | eval | explain."""
 
 from __future__ import annotations
 
@@ -27,7 +27,27 @@ def _problems(e: ConfigError, path: str) -> int:
     for p in e.problems:
         print(f"{path}: {p}" if not p.startswith(path) else p, file=sys.stderr)
     print(f"{len(e.problems)} problem{'s' if len(e.problems) != 1 else ''} found", file=sys.stderr)
+    if path == DEFAULT_CONFIG and not Path(path).exists():
+        # The first thing a new user runs, outside a checkout: say how to get a config.
+        print("no keyless.yaml here: `keyless init` writes a starter config and policy to edit "
+              "(or pass -c PATH)", file=sys.stderr)
     return 2
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from proxy.assets import init_files
+
+    target = Path(args.dir)
+    try:
+        written = init_files(target, force=args.force)
+    except FileExistsError as e:
+        print(f"keyless init: not overwriting {e} (--force replaces them)", file=sys.stderr)
+        return 1
+    for path in written:
+        print(f"wrote {path}")  # a path only: the demo key's value is never printed
+    config = shlex.quote(str(target / "keyless.yaml"))
+    print(f"next: edit them, then `keyless check -c {config}` and `keyless run -c {config}`")
+    return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -259,7 +279,10 @@ def cmd_demo_api(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+    from proxy.assets import version
+
     p = argparse.ArgumentParser(prog="keyless", description="Egress credential broker.")
+    p.add_argument("--version", action="version", version=f"keyless {version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -270,6 +293,10 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     r.set_defaults(func=cmd_run)
     with_config(sub.add_parser("check", help="validate config and policies")).set_defaults(func=cmd_check)
+    i = sub.add_parser("init", help="write a starter keyless.yaml and policies/ to edit")
+    i.add_argument("dir", nargs="?", default=".", help="where to write them (default: here)")
+    i.add_argument("--force", action="store_true", help="overwrite existing files")
+    i.set_defaults(func=cmd_init)
     with_config(sub.add_parser("ca", help="print the CA certificate's path")).set_defaults(func=cmd_ca)
     with_config(sub.add_parser("env", help="print shell lines to use Keyless")).set_defaults(func=cmd_env)
     sub.add_parser("demo", help="run a self-contained demonstration").set_defaults(func=cmd_demo)
