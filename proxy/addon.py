@@ -15,11 +15,14 @@ from typing import Any
 from mitmproxy import http, tcp
 from mitmproxy.proxy import server_hooks
 
+from proxy.assets import version
 from proxy.broker import Broker, Exchange, check_authority
 from proxy.egress import Egress
 from proxy.errors import KeylessError
 from proxy.model import Attestation, Source
 from proxy.paths import check_path
+from proxy.selfcheck import answer as self_check_answer
+from proxy.selfcheck import is_self_check
 from proxy.trust import Caller
 from proxy.trust.evidence import caller_evidence
 
@@ -127,6 +130,12 @@ class KeylessAddon:
         req = flow.request
         try:
             self.broker.describe_request(ex, req.method, req.scheme, req.host, req.port, req.path)
+            if is_self_check(req.host, self.transparent):
+                # `keyless env --check`: answered here, before attestation, with no upstream.
+                ex.request["self_check"] = True
+                status, headers, body = self_check_answer(ex.decision_id, req.query, version())
+                flow.response = http.Response.make(status, body, headers)
+                return
             host = req.host
             if self.transparent:
                 # req.host is the original destination address; the policy sees the name.

@@ -9,6 +9,7 @@ wheel's copies are byte-identical to the repository's.
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import shutil
@@ -33,6 +34,7 @@ def asset(name: str) -> Path:
     return source
 
 
+@functools.cache
 def version() -> str:
     """The installed distribution's version (pyproject.toml), or the package's own."""
     from importlib.metadata import PackageNotFoundError

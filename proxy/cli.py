@@ -50,11 +50,25 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def listen_problems(config: Config) -> list[str]:
+    """The proxy and admin ports ``run`` would fail to bind right now (in use, bad address)."""
+    from proxy.ports import bind_problem
+
+    checks = [("listen.port", config.listen.address, config.listen.port)]
+    if config.admin.enabled:
+        checks.append(("admin.port", config.admin.address, config.admin.port))
+    reuse = config.listen.workers > 1
+    return [p for key, host, port in checks if (p := bind_problem(key, host, port, reuse_port=reuse))]
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from proxy.server import load_and_prepare
 
     try:
         prep = load_and_prepare(Path(args.config))
+        ports = listen_problems(prep.config)
+        if ports:
+            raise ConfigError(ports)
     except ConfigError as e:
         return _problems(e, args.config)
     print(f"{args.config}: ok (policy revision {prep.engine.revision}, "
@@ -100,25 +114,54 @@ def cmd_ca(args: argparse.Namespace) -> int:
 
 
 def cmd_env(args: argparse.Namespace) -> int:
+    from proxy import clientenv
     from proxy.ca import ensure_ca
 
+    if args.unset:
+        # NO_PROXY stays: it was the user's before `keyless env` kept it, and is theirs after.
+        names = clientenv.PROXY_VARS + clientenv.CA_VARS + clientenv.OTHER_VARS
+        print(clientenv.render_unset(names, args.shell), end="")
+        return 0
+    if args.check:
+        from proxy.selfcheck import check
+
+        # Checks this shell's environment, as its clients will see it (run after the eval).
+        failed = False
+        for scheme in ("http", "https"):
+            result = check(scheme, os.environ)
+            print(f"{'ok' if result.ok else 'FAILED'}: {result.message}", file=sys.stdout if result.ok else sys.stderr)
+            failed |= not result.ok
+        return 1 if failed else 0
     try:
         config = _load(args.config)
     except ConfigError as e:
         return _problems(e, args.config)
-    ca = str(ensure_ca(config.tls.ca_dir))
-    host = config.listen.address
+    ca = ensure_ca(config.tls.ca_dir)
+    host, port = config.listen.address, config.listen.port
+    if args.port is not None:
+        port = args.port
+    elif port == 0:
+        from proxy.ports import STATE_FILE, read_state
+
+        bound = read_state(config.tls.ca_dir)
+        if bound is None:
+            print(f"{args.config}: listen.port is 0 and no running Keyless recorded its port in "
+                  f"{config.tls.ca_dir / STATE_FILE}: start `keyless run` first, or pass --port", file=sys.stderr)
+            return 2
+        host, port = bound.proxy_host, bound.proxy_port
     if host in ("0.0.0.0", "::"):  # noqa: S104 - a wildcard listener is reached on loopback
-        host = "127.0.0.1"
-    proxy_url = f"http://{host}:{config.listen.port}"
-    print("# Route this shell's HTTP(S) clients through Keyless and trust its CA.")
-    print("# eval \"$(keyless env)\"")
-    pairs = [("HTTP_PROXY", proxy_url), ("HTTPS_PROXY", proxy_url), ("http_proxy", proxy_url),
-             ("https_proxy", proxy_url), ("NO_PROXY", ""), ("no_proxy", "")]
-    pairs += [(name, ca) for name in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE",
-                                      "NODE_EXTRA_CA_CERTS", "AWS_CA_BUNDLE", "GIT_SSL_CAINFO")]
-    for name, value in pairs:
-        print(f"export {name}={shlex.quote(value)}")
+        host = "127.0.0.1" if host == "0.0.0.0" else "::1"  # noqa: S104
+    proxy_url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    bundle = clientenv.write_bundle(config.tls.ca_dir / clientenv.BUNDLE_NAME, ca, clientenv.system_bundle())
+    pairs = clientenv.client_env(proxy_url, bundle, os.environ, args.no_proxy)
+    bypass = clientenv.no_proxy(os.environ, args.no_proxy)
+    if "*" in bypass.split(","):
+        print("keyless env: NO_PROXY contains '*': every client will bypass Keyless", file=sys.stderr)
+    evals = {"sh": 'eval "$(keyless env)"', "fish": "keyless env --shell fish | source",
+             "powershell": "keyless env --shell powershell | Invoke-Expression"}
+    print("# Route this shell's HTTP(S) clients through Keyless and trust its CA (docs/clients.md).")
+    print(f"# {evals[args.shell]}   then: keyless env --check   undo: keyless env --unset")
+    print(clientenv.render(pairs, args.shell), end="")
     return 0
 
 
@@ -298,7 +341,16 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--force", action="store_true", help="overwrite existing files")
     i.set_defaults(func=cmd_init)
     with_config(sub.add_parser("ca", help="print the CA certificate's path")).set_defaults(func=cmd_ca)
-    with_config(sub.add_parser("env", help="print shell lines to use Keyless")).set_defaults(func=cmd_env)
+    env = with_config(sub.add_parser("env", help="print shell lines to use Keyless (docs/clients.md)"))
+    env.add_argument("--shell", choices=["sh", "fish", "powershell"], default="sh",
+                     help="syntax of the lines (sh: bash, zsh, dash)")
+    env.add_argument("--unset", action="store_true", help="print the lines that undo it")
+    env.add_argument("--check", action="store_true",
+                     help="prove this shell's clients go through Keyless (a request only Keyless answers)")
+    env.add_argument("--port", type=int, help="the proxy port, when listen.port is 0 (default: the running one's)")
+    env.add_argument("--no-proxy", action="append", default=[], metavar="HOST",
+                     help="add HOST to NO_PROXY (repeatable; the current NO_PROXY is kept)")
+    env.set_defaults(func=cmd_env)
     sub.add_parser("demo", help="run a self-contained demonstration").set_defaults(func=cmd_demo)
     ipt = sub.add_parser("iptables", help="print (or --apply) the netfilter rules for a sidecar or gateway")
     ipt.add_argument("--apply", action="store_true", help="install the rules instead of printing them")

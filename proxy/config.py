@@ -6,6 +6,7 @@ sections (trust providers, credentials) are validated by their own module's ``pa
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import yaml
 from proxy.confread import Section
 from proxy.egress import EgressConfig
 from proxy.egress import parse as parse_egress
+from proxy.envexpand import expand as expand_env
 from proxy.errors import ConfigError
 from proxy.policy.options import ENGINES, PolicyExtras, parse_extras
 
@@ -147,7 +149,16 @@ def load_config(path: Path) -> Config:
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         problem = getattr(e, "problem", None) or "invalid YAML"
         raise ConfigError([f"{where}: malformed YAML ({problem})"]) from None
-    return parse_config(raw, path)
+    # ${VAR} / ${VAR:-default} (proxy/envexpand.py); unset variables are reported with the rest.
+    env_problems: list[str] = []
+    raw = expand_env(raw, os.environ, env_problems)
+    try:
+        config = parse_config(raw, path)
+    except ConfigError as e:
+        raise ConfigError(env_problems + e.problems, partial=e.partial) from None
+    if env_problems:
+        raise ConfigError(env_problems, partial=config)
+    return config
 
 
 def parse_config(raw: Any, source: Path) -> Config:
