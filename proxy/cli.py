@@ -273,6 +273,27 @@ def cmd_iptables(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_injector(args: argparse.Namespace) -> int:
+    from proxy.injector import Options, serve
+
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    defaults = Options(image=args.image, config_map=args.config_map, proxy_port=args.proxy_port,
+                       admin_port=args.admin_port, ports=args.ports)
+    for path in (args.tls_cert, args.tls_key):
+        if not Path(path).is_file():
+            print(f"keyless injector: file not found: {path}", file=sys.stderr)
+            return 2
+    try:
+        asyncio.run(serve(defaults, args.tls_cert, args.tls_key, args.address, args.port))
+    except OSError as e:
+        print(f"keyless injector: cannot listen on {args.address}:{args.port} ({e.strerror})", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from proxy.demo import run_demo
 
@@ -352,6 +373,18 @@ def parser() -> argparse.ArgumentParser:
                      help="add HOST to NO_PROXY (repeatable; the current NO_PROXY is kept)")
     env.set_defaults(func=cmd_env)
     sub.add_parser("demo", help="run a self-contained demonstration").set_defaults(func=cmd_demo)
+    inj = sub.add_parser("injector", help="serve the Kubernetes sidecar-injection webhook (docs/deployment.md)")
+    inj.add_argument("--tls-cert", default="/etc/keyless-injector/tls/tls.crt", help="serving certificate (PEM)")
+    inj.add_argument("--tls-key", default="/etc/keyless-injector/tls/tls.key", help="its private key (PEM)")
+    inj.add_argument("--address", default="0.0.0.0", help="listen address (0.0.0.0)")  # noqa: S104
+    inj.add_argument("--port", type=int, default=8443, help="listen port (8443)")
+    inj.add_argument("--image", default="keyless:0.1.0", help="Keyless image injected (keyless.dev/image overrides)")
+    inj.add_argument("--config-map", default="keyless", help="ConfigMap with keyless.yaml and egress.rego")
+    inj.add_argument("--proxy-port", type=int, default=15001, help="sidecar's transparent listener (15001)")
+    inj.add_argument("--admin-port", type=int, default=15021, help="sidecar's admin listener (15021)")
+    inj.add_argument("--ports", default="80,443", help="outbound TCP ports redirected (80,443)")
+    inj.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    inj.set_defaults(func=cmd_injector)
     ipt = sub.add_parser("iptables", help="print (or --apply) the netfilter rules for a sidecar or gateway")
     ipt.add_argument("--apply", action="store_true", help="install the rules instead of printing them")
     ipt.add_argument("--gateway", action="store_true", help="rules for a gateway that receives other hosts' traffic")
