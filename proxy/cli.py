@@ -155,8 +155,12 @@ def cmd_env(args: argparse.Namespace) -> int:
     bundle = clientenv.write_bundle(config.tls.ca_dir / clientenv.BUNDLE_NAME, ca, clientenv.system_bundle())
     pairs = clientenv.client_env(proxy_url, bundle, os.environ, args.no_proxy)
     bypass = clientenv.no_proxy(os.environ, args.no_proxy)
-    if "*" in bypass.split(","):
+    entries = bypass.split(",")
+    if "*" in entries:
         print("keyless env: NO_PROXY contains '*': every client will bypass Keyless", file=sys.stderr)
+    if loopback := [e for e in entries if e in ("localhost", ".localhost", "127.0.0.1", "127.0.0.0/8", "::1")]:
+        print(f"keyless env: NO_PROXY has {','.join(loopback)}: calls to it (the quickstart's demo API) "
+              "bypass Keyless; unset NO_PROXY first to proxy them", file=sys.stderr)
     evals = {"sh": 'eval "$(keyless env)"', "fish": "keyless env --shell fish | source",
              "powershell": "keyless env --shell powershell | Invoke-Expression"}
     print("# Route this shell's HTTP(S) clients through Keyless and trust its CA (docs/clients.md).")

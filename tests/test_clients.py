@@ -174,6 +174,18 @@ PY = {
 }
 
 
+def test_aiohttp_without_trust_env_goes_direct(setup: Setup) -> None:
+    # aiohttp's default is trust_env=False: the proxy variables are ignored (a bypass).
+    code = ("import aiohttp, asyncio, sys\n"
+            "async def main():\n"
+            "    async with aiohttp.ClientSession() as s, s.get(sys.argv[1]) as r:\n"
+            "        r.raise_for_status()\n"
+            "asyncio.run(main())")
+    out = run(setup, sys.executable, "-c", code, setup.upstream.url("/clients/aiohttp-default", tls=False))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert not setup.through_keyless("aiohttp-default")
+
+
 @pytest.mark.parametrize("name", list(PY))
 def test_python(setup: Setup, name: str) -> None:
     if name == "httpx":
@@ -277,6 +289,11 @@ def test_java_httpclient(setup: Setup) -> None:
     direct = run(setup, "java", str(src), setup.upstream.url("/clients/java-direct", tls=False), timeout=120)
     assert direct.returncode == 0, direct.stderr[-2000:]
     assert not setup.through_keyless("java-direct")
+    # java.net.useSystemProxies does not read HTTP(S)_PROXY on Linux either.
+    system = run(setup, "java", "-Djava.net.useSystemProxies=true", str(src),
+                 setup.upstream.url("/clients/java-system", tls=False), timeout=120)
+    assert system.returncode == 0, system.stderr[-2000:]
+    assert not setup.through_keyless("java-system")
     props = ["-Dhttps.proxyHost=127.0.0.1", f"-Dhttps.proxyPort={port}", "-Dhttp.proxyHost=127.0.0.1",
              f"-Dhttp.proxyPort={port}", "-Dhttp.nonProxyHosts=", f"-Djavax.net.ssl.trustStore={store}",
              "-Djavax.net.ssl.trustStorePassword=changeit"]
