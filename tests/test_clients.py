@@ -83,9 +83,12 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
              "all_proxy", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS",
              "AWS_CA_BUNDLE", "GIT_SSL_CAINFO", "SSL_CERT_DIR"}
     base = {n: v for n, v in os.environ.items() if n not in scrub and not n.startswith("npm_config_")}
-    out = keyless("env", "-c", str(k.config_file), cwd=tmp, env={})
+    # A host NO_PROXY (say, localhost) would send these loopback calls direct: the table is
+    # about the clients, so this environment has none (keeping one is tested separately).
+    out = keyless("env", "-c", str(k.config_file), cwd=tmp, env={"NO_PROXY": "", "no_proxy": ""})
     assert out.returncode == 0, out.stderr
-    env = {**base, **exports(out.stdout), "HOME": str(tmp), "AWS_EC2_METADATA_DISABLED": "true",
+    env = {**base, **exports(out.stdout), "NO_PROXY": "", "no_proxy": "", "HOME": str(tmp),
+           "AWS_EC2_METADATA_DISABLED": "true",
            "AWS_ACCESS_KEY_ID": "AKIDEXAMPLE", "AWS_SECRET_ACCESS_KEY": "not-a-secret",
            "AWS_DEFAULT_REGION": "us-east-1"}
     try:
