@@ -83,6 +83,9 @@ class TlsConfig:
     upstream_ca: Path | None = None
     # A copy of the CA certificate (never the key) for apps to trust, e.g. on a shared volume.
     publish_ca: Path | None = None
+    # The system's CA bundle plus Keyless's CA (proxy/clientenv.py), for apps that also reach
+    # hosts directly: their SSL_CERT_FILE must still hold the public roots.
+    publish_bundle: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +209,7 @@ def parse_config(raw: Any, source: Path) -> Config:
         ca_dir=s.path_value("ca_dir", Path("~/.keyless/ca").expanduser()),
         upstream_ca=s.path_value("upstream_ca", None),
         publish_ca=s.path_value("publish_ca", None),
+        publish_bundle=s.path_value("publish_bundle", None),
     )
     if tls.upstream_ca is not None and not tls.upstream_ca.is_file():
         s.error(f"file not found: {tls.upstream_ca}", "upstream_ca")

@@ -42,7 +42,9 @@ ANNOTATIONS = {
 }
 KEYLESS_UID = 10001  # the Dockerfile's USER, and what `keyless iptables --uid` exempts
 CA_DIR = "/var/run/keyless-ca"
-CA_FILE = f"{CA_DIR}/ca.pem"
+# The ConfigMap's tls.publish_bundle: system roots plus the Keyless CA, so hosts the rules do not
+# redirect (other ports) still verify.
+CA_FILE = f"{CA_DIR}/bundle.pem"
 CA_ENV = ("SSL_CERT_FILE", "CURL_CA_BUNDLE", "REQUESTS_CA_BUNDLE", "NODE_EXTRA_CA_CERTS", "AWS_CA_BUNDLE",
           "GIT_SSL_CAINFO")
 VOLUMES = ("keyless-config", "keyless-ca-key", "keyless-ca-cert", "keyless-tmp", "keyless-xtables-run",

@@ -126,6 +126,11 @@ async def serve(prep: Prepared, *, reuse_port: bool = False) -> int:
         from proxy.ca import publish_ca
 
         publish_ca(ca_cert, config.tls.publish_ca)
+    if config.tls.publish_bundle is not None:
+        from proxy.clientenv import system_bundle, write_bundle
+
+        config.tls.publish_bundle.parent.mkdir(parents=True, exist_ok=True)
+        write_bundle(config.tls.publish_bundle, ca_cert, system_bundle())
     sink: AuditSink = JsonLinesSink(config.audit.path)
     broker = Broker(config, prep.engine, prep.signer, sink, prep.trust, prep.credentials)
     policy = prep.policy

@@ -378,6 +378,7 @@ def test_env_check_fails_loudly(setup: Setup, broken: str) -> None:
 def test_env_reports_the_bound_port_of_port_zero(tmp_path: Path) -> None:
     cfg = base_config(tmp_path)
     cfg["listen"]["port"] = 0
+    cfg["tls"]["publish_bundle"] = str(tmp_path / "shared" / "bundle.pem")
     k = Keyless(tmp_path, cfg)
     missing = keyless("env", "-c", str(k.config_file), cwd=tmp_path)
     assert missing.returncode == 2 and "listen.port is 0" in missing.stderr
@@ -390,6 +391,9 @@ def test_env_reports_the_bound_port_of_port_zero(tmp_path: Path) -> None:
         assert f"keyless listening on 127.0.0.1:{port}" in log
         env = {**os.environ, **got}
         assert keyless("env", "--check", cwd=tmp_path, env=env).returncode == 0
+        # tls.publish_bundle: what keyless env writes, published at start for a sidecar's app.
+        published = (tmp_path / "shared" / "bundle.pem").read_text()
+        assert k.ca_cert.read_text().strip() in published and published.count("BEGIN CERTIFICATE") > 10
     finally:
         k.stop()
     assert not (tmp_path / "ca" / "listen.json").exists()

@@ -156,7 +156,7 @@ def test_injection_is_valid_complete_and_idempotent(injector: Injector, name: st
             (o for o in original["spec"]["containers"] + original["spec"].get("initContainers", [])
              if o["name"] == c["name"]), {}).get("env", [])}
         for var in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "NODE_EXTRA_CA_CERTS", "AWS_CA_BUNDLE"):
-            assert env[var] == mine.get(var, "/var/run/keyless-ca/ca.pem")
+            assert env[var] == mine.get(var, "/var/run/keyless-ca/bundle.pem")
     assert injected["metadata"]["annotations"]["keyless.dev/status"] == "injected"
     # The original's own containers, volumes and mounts are all still there, unchanged.
     for v in original["spec"].get("volumes", []):
@@ -176,6 +176,10 @@ def test_ports_in_the_configmap_match_the_probes_and_rules(injector: Injector) -
     cfg = expand(yaml.safe_load(cm["data"]["keyless.yaml"]), env, problems)
     assert problems == []
     assert cfg["listen"]["port"] == 15555 and cfg["admin"]["port"] == 15556
+    # The bundle the app containers are pointed at is the one this Keyless publishes.
+    from proxy.injector import CA_FILE
+
+    assert cfg["tls"]["publish_bundle"] == CA_FILE
     assert "--proxy-port=15555" in injected["spec"]["initContainers"][0]["command"]
     assert keyless["startupProbe"]["httpGet"]["port"] == 15556
 
