@@ -41,11 +41,12 @@ def bind_problem(key: str, host: str, port: int, *, reuse_port: bool = False) ->
                 s.bind(addr)
             except OSError as e:
                 hint = " (is Keyless already running?)" if e.errno == 98 else ""
-                return f"{key}: cannot listen on {_fmt(host, port)} ({e.strerror}){hint}"
+                return f"{key}: cannot listen on {fmt_address(host, port)} ({e.strerror}){hint}"
     return None
 
 
-def _fmt(host: str, port: int) -> str:
+def fmt_address(host: str, port: int) -> str:
+    """``host:port``, with IPv6 literals in brackets."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 

@@ -137,7 +137,7 @@ async def serve(prep: Prepared, *, reuse_port: bool = False) -> int:
     if policy is not None and policy.posture is not None:
         broker.posture = policy.posture.lookup
 
-    from proxy.ports import Bound, bind_problem, remove_state, write_state
+    from proxy.ports import Bound, bind_problem, fmt_address, remove_state, write_state
 
     # mitmproxy would log a port in use with a hint for its own command line and exit 1: try
     # the bind first and report it like any config problem (one line, exit 2).
@@ -155,10 +155,14 @@ async def serve(prep: Prepared, *, reuse_port: bool = False) -> int:
             if not addrs:
                 return  # mitmproxy failed to listen; ErrorCheck stops it and serve() reports it
             host, port = addrs[0][0], addrs[0][1]
-            log.info("keyless listening on %s (policy revision %s, CA %s)%s", _fmt(host, port),
+            log.info("keyless listening on %s (policy revision %s, CA %s)%s", fmt_address(host, port),
                      prep.engine.revision, ca_cert, f", admin on {admin_addr[0]}" if admin_addr else "")
             if not reuse_port:
-                write_state(config.tls.ca_dir, Bound(os.getpid(), host, port, admin_addr[0] if admin_addr else None))
+                bound = Bound(os.getpid(), host, port, admin_addr[0] if admin_addr else None)
+                try:
+                    write_state(config.tls.ca_dir, bound)
+                except OSError as e:  # only `keyless env` with port 0 needs it: not worth failing for
+                    log.warning("cannot record the bound port in %s (%s)", config.tls.ca_dir, e.strerror)
             ready.set()
 
     # A deliberately short addon list: no onboarding app, no scripts, no replay, nothing that
@@ -207,7 +211,7 @@ async def serve(prep: Prepared, *, reuse_port: bool = False) -> int:
             await runner.cleanup()
             where = f"{config.admin.address}:{config.admin.port}"
             raise ConfigError([f"admin: cannot listen on {where} ({e.strerror})"]) from None
-        admin_addr.extend(_fmt(str(a[0]), int(a[1])) for a in runner.addresses[:1])
+        admin_addr.extend(fmt_address(str(a[0]), int(a[1])) for a in runner.addresses[:1])
 
     from proxy.drain import Drainer
 
@@ -227,7 +231,7 @@ async def serve(prep: Prepared, *, reuse_port: bool = False) -> int:
     except SystemExit:
         # mitmproxy's ErrorCheck: an error was logged during startup (a bind lost to a race
         # after the check above, say); it has been printed once already by the log handler.
-        where = _fmt(config.listen.address, config.listen.port)
+        where = fmt_address(config.listen.address, config.listen.port)
         raise ConfigError([f"listen: cannot start the proxy listener on {where} (see the error above)"]) from None
     finally:
         if not reuse_port:
@@ -238,10 +242,6 @@ async def serve(prep: Prepared, *, reuse_port: bool = False) -> int:
         if runner is not None:
             await runner.cleanup()
     return 0
-
-
-def _fmt(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def upstream_trust(configured: Path | None) -> Path:
