@@ -24,10 +24,13 @@ from mitmproxy.proxy import server_hooks
 
 from proxy import answers
 from proxy.answer_layers import error_answer
+from proxy.assets import version
 from proxy.audit.event import RequestRecord
 from proxy.authority import Target, cut
 from proxy.errors import KeylessError
 from proxy.pipeline import Connection, Exchange, Pipeline, RequestView
+from proxy.selfcheck import answer as self_check_answer
+from proxy.selfcheck import is_self_check
 
 log = logging.getLogger("keyless")
 
@@ -176,6 +179,12 @@ class KeylessAddon:
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         ex = self._exchange(flow)
         req, conn = flow.request, connection(flow.client_conn)
+        if is_self_check(req.host, self.pipeline.transparent):
+            # `keyless env --check`: answered here, before attestation, with no upstream.
+            self.pipeline.self_check(ex, req.method, req.scheme, req.host, req.port, req.path)
+            status, headers, body = self_check_answer(ex.decision_id, req.query, version())
+            flow.response = http.Response.make(status, body, headers)
+            return
         await self.pipeline.decide(ex, conn, view(req, flow.error.msg if flow.error is not None else None))
         if ex.target is None:
             raise KeylessError("internal_error", "decided without a canonical target")
@@ -194,7 +203,7 @@ class KeylessAddon:
         if ex is None:
             # requestheaders did not run for this flow: never forward what was not decided.
             raise KeylessError("internal_error", "request reached Keyless undecided")
-        if ex.refused or ex.forwarded:
+        if ex.refused or ex.forwarded or flow.response is not None:
             return
         await self.pipeline.forward(ex, connection(flow.client_conn), flow.request, _upstream(flow.request))
 

@@ -7,6 +7,7 @@ sections (trust providers, credentials) are validated by their own module's ``pa
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ import yaml
 from proxy.confread import Section
 from proxy.egress import EgressConfig
 from proxy.egress import parse as parse_egress
+from proxy.envexpand import expand as expand_env
 from proxy.errors import ConfigError
 from proxy.policy.options import ENGINES, PolicyExtras, parse_extras
 
@@ -82,6 +84,9 @@ class TlsConfig:
     upstream_ca: Path | None = None
     # A copy of the CA certificate (never the key) for apps to trust, e.g. on a shared volume.
     publish_ca: Path | None = None
+    # The system's CA bundle plus Keyless's CA (proxy/clientenv.py), for apps that also reach
+    # hosts directly: their SSL_CERT_FILE must still hold the public roots.
+    publish_bundle: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,7 +177,16 @@ def load_config(path: Path) -> Config:
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         problem = getattr(e, "problem", None) or "invalid YAML"
         raise ConfigError([f"{where}: malformed YAML ({problem})"]) from None
-    return parse_config(raw, path)
+    # ${VAR} / ${VAR:-default} (proxy/envexpand.py); unset variables are reported with the rest.
+    env_problems: list[str] = []
+    raw = expand_env(raw, os.environ, env_problems)
+    try:
+        config = parse_config(raw, path)
+    except ConfigError as e:
+        raise ConfigError(env_problems + e.problems, partial=e.partial) from None
+    if env_problems:
+        raise ConfigError(env_problems, partial=config)
+    return config
 
 
 def parse_config(raw: Any, source: Path) -> Config:
@@ -218,6 +232,7 @@ def parse_config(raw: Any, source: Path) -> Config:
         ca_dir=s.path_value("ca_dir", Path("~/.keyless/ca").expanduser()),
         upstream_ca=s.path_value("upstream_ca", None),
         publish_ca=s.path_value("publish_ca", None),
+        publish_bundle=s.path_value("publish_bundle", None),
     )
     if tls.upstream_ca is not None and not tls.upstream_ca.is_file():
         s.error(f"file not found: {tls.upstream_ca}", "upstream_ca")

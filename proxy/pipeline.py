@@ -19,6 +19,7 @@ record. Nothing in this module imports mitmproxy.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -233,6 +234,10 @@ class Pipeline:
                                f"policy chose credential {decision.credential!r}, which is not configured")
         return decision
 
+    def self_check(self, ex: Exchange, method: str, scheme: str, host: str, port: int, path: str) -> None:
+        """A request Keyless answers itself (``keyless env --check``): no decision, no upstream."""
+        ex.request = RequestRecord(method, scheme, cut(host), port, path.split("?", 1)[0], self_check=True)
+
     def needs_body(self, ex: Exchange) -> bool:
         """Whether the request body must be buffered before ``forward`` (SigV4 signs its hash)."""
         d = ex.decision
@@ -281,7 +286,7 @@ class Pipeline:
         peer = describe_peer(peername)
         if peer is not None and ex.error is None:
             r = ex.request
-            ex.request = RequestRecord(r.method, r.scheme, r.host, r.port, r.path, r.destination, r.upstream, peer)
+            ex.request = dataclasses.replace(r, upstream_address=peer)
 
     def refuse(self, ex: Exchange, error: KeylessError) -> None:
         ex.error = error
@@ -363,7 +368,7 @@ def outcome(ex: Exchange, status: int | None) -> Outcome:
 
 
 def _with_upstream(r: RequestRecord, upstream: str) -> RequestRecord:
-    return RequestRecord(r.method, r.scheme, r.host, r.port, r.path, r.destination, upstream, r.upstream_address)
+    return dataclasses.replace(r, upstream=upstream)
 
 
 def _time_ns(iso: str) -> int:
