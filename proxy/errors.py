@@ -14,6 +14,10 @@ STATUS: Final[dict[str, int]] = {
     "attestation_failed": 407,
     "misdirected_request": 421,
     "internal_error": 500,
+    # An upstream answer Keyless will not hand on: larger than listen.max_response_body, or a
+    # text body it cannot scan for a reflected credential (unknown or corrupt Content-Encoding).
+    "response_too_large": 502,
+    "response_unscannable": 502,
     "policy_unavailable": 503,
     "credential_unavailable": 503,
 }

@@ -1,0 +1,380 @@
+"""Which response bodies are scanned for a reflected credential, and how; and TRACE.
+
+``proxy.redact`` knows how to find and replace the injected secret forms. This module decides,
+from the response headers alone (the ``responseheaders`` hook, before any body byte is read),
+what happens to the body:
+
+* ``full``: a text body whose Content-Length is at most ``listen.redact_max_body`` is buffered,
+  decoded per Content-Encoding, redacted, and sent on as identity with Content-Length fixed;
+* ``stream``: a longer text body, or one of unknown length, streams through a decoder and a
+  ``StreamRedactor`` (an overlap of the longest pattern minus one byte is kept across chunks)
+  and leaves as identity without Content-Length (chunked to an HTTP/1.1 client);
+* ``binary``: a body whose Content-Type is not text streams through unscanned;
+* ``none``: no body (HEAD, 204, 304, Content-Length 0);
+* ``too_large``: Content-Length over ``listen.max_response_body``: a JSON 502 instead;
+* ``unscannable``: a text body in a Content-Encoding Keyless cannot decode: a JSON 502 (fail
+  closed: the alternative is handing on bytes that may carry the credential).
+
+No mitmproxy here: the addon passes header values and plugs ``BodyStream`` in as mitmproxy's
+``response.stream`` callable.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import brotli  # type: ignore[import-untyped]
+
+from proxy.errors import KeylessError
+from proxy.redact import Redactor, StreamRedactor
+
+try:  # Python 3.14 has it in the standard library; mitmproxy depends on the backport before.
+    from compression import zstd  # type: ignore[import-not-found,unused-ignore]
+except ImportError:
+    from backports import zstd  # type: ignore[no-redef,unused-ignore]
+
+# Methods whose response is the request itself: a credential injected into one comes straight
+# back. TRACK is IIS's TRACE. Compared case-insensitively: a lenient server may treat "trace"
+# as TRACE although methods are case-sensitive.
+TRACE_METHODS = frozenset({"TRACE", "TRACK"})
+TRACE_MODES = ("refuse", "forward_bare")
+
+# Content types scanned besides text/*: what APIs and debug pages echo requests in.
+_TEXT_TYPES = frozenset({
+    "application/json", "application/xml", "application/javascript", "application/ecmascript",
+    "application/x-javascript", "application/x-www-form-urlencoded", "application/x-ndjson",
+    "application/ndjson", "application/yaml", "application/x-yaml", "application/graphql",
+    "application/jwt", "application/jsonl", "application/x-jsonlines",
+})
+_TEXT_PREFIXES = ("text/", "message/", "multipart/")
+_TEXT_SUFFIXES = ("+json", "+xml", "+yaml", "-json")
+
+# Decoded output is produced in pieces of at most this size: a small compressed chunk that
+# expands enormously (a decompression bomb) never becomes one huge buffer.
+PIECE = 64 * 1024
+# Decoded bytes one streamed upstream chunk may expand to (gzip's ratio tops out near 1000:1).
+MAX_EXPANSION = 64 * 1024 * 1024
+
+
+def is_trace(method: str) -> bool:
+    return method.upper() in TRACE_METHODS
+
+
+def trace_refusal(method: str, mode: str) -> KeylessError | None:
+    """The refusal for a TRACE under ``egress.trace: refuse`` (the default), else None.
+
+    Checked before the policy is asked, so it holds whatever the policy says. Under
+    ``forward_bare`` the request is decided as usual but never gets a credential (see
+    ``injects``)."""
+    if is_trace(method) and mode != "forward_bare":
+        return KeylessError("forbidden", f"{method.upper()} echoes the request and is refused (egress.trace)")
+    return None
+
+
+def injects(method: str) -> bool:
+    """Whether a credential may be injected into a request with this method: never on TRACE."""
+    return not is_trace(method)
+
+
+def is_text(content_type: str | None) -> bool:
+    """Whether a body of this Content-Type is scanned. No Content-Type counts as text."""
+    if not content_type or not content_type.strip():
+        return True
+    mime = content_type.split(";", 1)[0].strip().lower()
+    return (mime in _TEXT_TYPES or mime.startswith(_TEXT_PREFIXES) or mime.endswith(_TEXT_SUFFIXES))
+
+
+class DecodeError(ValueError):
+    """A Content-Encoding that is unknown or whose data is corrupt."""
+
+
+class Decoder(Protocol):
+    def feed(self, data: bytes) -> Iterator[bytes]: ...
+    def finish(self) -> Iterator[bytes]: ...
+
+
+class _Identity:
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        if data:
+            yield data
+
+    def finish(self) -> Iterator[bytes]:
+        yield from ()
+
+
+class _Zlib:
+    """gzip (also concatenated members) and deflate (zlib-wrapped or, as some servers send it, raw)."""
+
+    def __init__(self, gzip: bool) -> None:
+        self._gzip = gzip
+        self._d: Any = zlib.decompressobj(47) if gzip else None
+        self._head = b""
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        if self._d is None:
+            # deflate: a zlib header is two bytes, CM=8 and a checksum over both.
+            self._head += data
+            if len(self._head) < 2:
+                return
+            b0, b1 = self._head[0], self._head[1]
+            wrapped = b0 & 0x0F == 8 and ((b0 << 8) | b1) % 31 == 0
+            self._d = zlib.decompressobj(15 if wrapped else -15)
+            data, self._head = self._head, b""
+        try:
+            while data:
+                out = self._d.decompress(data, PIECE)
+                if out:
+                    yield out
+                data = self._d.unconsumed_tail
+                if self._d.eof:
+                    rest = self._d.unused_data
+                    if not (self._gzip and rest):
+                        return
+                    self._d = zlib.decompressobj(47)
+                    data = rest
+        except zlib.error:
+            raise DecodeError("corrupt compressed body") from None
+
+    def finish(self) -> Iterator[bytes]:
+        if self._d is None:
+            if self._head:
+                raise DecodeError("truncated compressed body")
+            return
+        try:
+            out = self._d.flush()
+        except zlib.error:
+            raise DecodeError("corrupt compressed body") from None
+        if out:
+            yield out
+
+
+class _Brotli:
+    def __init__(self) -> None:
+        self._d = brotli.Decompressor()
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        try:
+            out = self._d.process(data, output_buffer_limit=PIECE)
+            # can_accept_more_data() turns true while output is still pending: drain until a
+            # call yields nothing.
+            while out:
+                yield out
+                if self._d.is_finished():
+                    return
+                out = self._d.process(b"", output_buffer_limit=PIECE)
+        except brotli.error:
+            raise DecodeError("corrupt brotli body") from None
+
+    def finish(self) -> Iterator[bytes]:
+        yield from ()
+
+
+class _Zstd:
+    def __init__(self) -> None:
+        self._d = zstd.ZstdDecompressor()
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        try:
+            while True:
+                if self._d.eof:
+                    # A body may hold several frames.
+                    data = self._d.unused_data + data
+                    if not data:
+                        return
+                    self._d = zstd.ZstdDecompressor()
+                out = self._d.decompress(data, PIECE)
+                data = b""
+                if out:
+                    yield out
+                if self._d.needs_input and not self._d.eof:
+                    return
+        except (zstd.ZstdError, EOFError):
+            raise DecodeError("corrupt zstd body") from None
+
+    def finish(self) -> Iterator[bytes]:
+        yield from ()
+
+
+_DECODERS: dict[str, Callable[[], Decoder]] = {
+    "identity": _Identity, "none": _Identity,
+    "gzip": lambda: _Zlib(gzip=True), "x-gzip": lambda: _Zlib(gzip=True),
+    "deflate": lambda: _Zlib(gzip=False),
+    "br": _Brotli, "zstd": _Zstd,
+}
+
+
+class _Chain:
+    def __init__(self, decoders: list[Decoder]) -> None:
+        self._decoders = decoders
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        return self._run(0, self._decoders[0].feed(data))
+
+    def finish(self) -> Iterator[bytes]:
+        return self._run(0, self._decoders[0].finish(), finishing=True)
+
+    def _run(self, i: int, pieces: Iterator[bytes], finishing: bool = False) -> Iterator[bytes]:
+        if i + 1 == len(self._decoders):
+            yield from pieces
+            return
+        nxt = self._decoders[i + 1]
+        for piece in pieces:
+            yield from self._run(i + 1, nxt.feed(piece))
+        if finishing:
+            yield from self._run(i + 1, nxt.finish(), finishing=True)
+
+
+def decoder_for(content_encoding: str | None) -> Decoder | None:
+    """An incremental decoder for a Content-Encoding value, or None when one coding in it is
+    unknown. Codings listed in order of application are undone last first."""
+    names = [c.strip().lower() for c in (content_encoding or "").split(",") if c.strip()]
+    if not names:
+        return _Identity()
+    if any(n not in _DECODERS for n in names):
+        return None
+    decoders = [_DECODERS[n]() for n in reversed(names)]
+    return decoders[0] if len(decoders) == 1 else _Chain(decoders)
+
+
+def is_identity(content_encoding: str | None) -> bool:
+    return all(c.strip().lower() in ("", "identity", "none") for c in (content_encoding or "").split(","))
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseLimits:
+    """``listen.redact_max_body`` and ``listen.max_response_body`` in bytes."""
+
+    scan_max: int = 4 * 1024 * 1024
+    max_body: int | None = None
+
+    @property
+    def decoded_max(self) -> int:
+        # A buffered body is decoded in memory: one that expands past this is a bomb, refused.
+        return 16 * self.scan_max
+
+
+def plan_body(*, scanning: bool, content_type: str | None, content_encoding: str | None,
+              expected: int | None, limits: ResponseLimits) -> str:
+    """What to do with a response body, from its headers (see the module docstring).
+
+    ``expected`` is mitmproxy's expected body size: 0 none, a length, None (chunked) or -1
+    (until the connection closes). ``scanning`` is false when no credential was injected:
+    nothing can be reflected, and bodies are only buffered when small."""
+    if expected == 0:
+        return "none"
+    known = expected is not None and expected > 0
+    if limits.max_body is not None and known and expected is not None and expected > limits.max_body:
+        return "too_large"
+    if not scanning or not is_text(content_type):
+        return "full" if known and expected is not None and expected <= limits.scan_max else "binary"
+    if decoder_for(content_encoding) is None:
+        return "unscannable"
+    return "full" if known and expected is not None and expected <= limits.scan_max else "stream"
+
+
+@dataclass(slots=True)
+class ResponseScan:
+    """What was found in one response; becomes the audit record's ``reflected``."""
+
+    redactor: Redactor
+    plan: str = "none"
+    headers: list[str] = field(default_factory=list)
+    body: bool = False
+
+    def as_audit(self) -> dict[str, Any]:
+        scan = "binary" if self.plan == "binary" else self.plan if self.plan in ("full", "stream", "none") else "none"
+        return {"headers": list(self.headers), "body": self.body, "body_scan": scan}
+
+
+def redact_buffered(raw: bytes, content_encoding: str | None, redactor: Redactor,
+                    limits: ResponseLimits) -> bytes | None:
+    """A whole buffered body, redacted and decoded to identity; None when nothing was found
+    (the body then leaves exactly as it came). Raises DecodeError, or KeylessError
+    ``response_too_large`` for a body that decodes past ``limits.decoded_max``."""
+    if is_identity(content_encoding):
+        body, hit = redactor.redact(raw)
+        return body if hit else None
+    decoder = decoder_for(content_encoding)
+    if decoder is None:
+        raise DecodeError("unknown content encoding")
+    parts: list[bytes] = []
+    size = 0
+    for piece in (*decoder.feed(raw), *decoder.finish()):
+        size += len(piece)
+        if size > limits.decoded_max:
+            raise KeylessError("response_too_large", "compressed response body expands past the scan limit")
+        parts.append(piece)
+    body, hit = redactor.redact(b"".join(parts))
+    return body if hit else None
+
+
+class BodyStream:
+    """mitmproxy's ``response.stream`` callable: called with each chunk, then with b"".
+
+    Decodes (when ``decoder`` is given), redacts (when ``redactor`` is), counts raw bytes
+    against ``max_body``. It never raises into mitmproxy: a failure (``response_too_large``,
+    ``response_unscannable``) stops all output and is left in ``failure`` for the ``response``
+    hook, which then kills the flow so the client sees a cut-off body, never a complete-looking
+    truncated one. Empty pieces are never yielded: to a chunked HTTP/1.1 client mitmproxy would
+    frame one as the terminating zero-length chunk."""
+
+    def __init__(self, redactor: Redactor | None, decoder: Decoder | None, max_body: int | None) -> None:
+        self._redact = StreamRedactor(redactor) if redactor else None
+        self._decoder = decoder
+        self._max = max_body
+        self.received = 0
+        self.failure: str | None = None
+
+    @property
+    def reflected(self) -> bool:
+        return self._redact is not None and self._redact.reflected
+
+    def __call__(self, data: bytes) -> Iterator[bytes]:
+        return self._pieces(data)
+
+    def _pieces(self, data: bytes) -> Iterator[bytes]:
+        if self.failure is not None:
+            return
+        try:
+            self.received += len(data)
+            if self._max is not None and self.received > self._max:
+                self.failure = "response_too_large"
+                return
+            last = not data
+            decoded: Iterator[bytes]
+            if self._decoder is None:
+                decoded = iter((data,))
+            else:
+                decoded = self._decoder.finish() if last else self._decoder.feed(data)
+            expanded = 0
+            for piece in decoded:
+                expanded += len(piece)
+                if expanded > MAX_EXPANSION:
+                    # One upstream chunk that decodes past this is a decompression bomb.
+                    self.failure = "response_unscannable"
+                    return
+                if self._redact is not None:
+                    piece = self._redact.feed(piece)
+                if piece:
+                    yield piece
+            if last and self._redact is not None:
+                tail = self._redact.finish()
+                if tail:
+                    yield tail
+        except Exception:  # noqa: BLE001 - DecodeError or worse: it must not reach mitmproxy's layer
+            self.failure = "response_unscannable"
+
+
+class RefusalStream:
+    """Streams a Keyless refusal in place of an upstream body that is never read into memory:
+    the refusal goes out with the first chunk, every further upstream chunk is dropped."""
+
+    def __init__(self, body: bytes) -> None:
+        self._body: bytes | None = body
+
+    def __call__(self, data: bytes) -> list[bytes]:
+        body, self._body = self._body, None
+        return [body] if body else []
