@@ -13,6 +13,7 @@ import traceback
 from typing import Any
 
 from mitmproxy import http, tcp
+from mitmproxy.net.http.http1 import expected_http_body_size
 from mitmproxy.proxy import server_hooks
 
 from proxy.broker import Broker, Exchange, check_authority
@@ -20,12 +21,26 @@ from proxy.egress import Egress
 from proxy.errors import KeylessError
 from proxy.model import Attestation, Source
 from proxy.paths import check_path
+from proxy.redact import Redactor, redact_headers
+from proxy.reflect import (
+    BodyStream,
+    DecodeError,
+    RefusalStream,
+    ResponseLimits,
+    ResponseScan,
+    decoder_for,
+    plan_body,
+    redact_buffered,
+    trace_refusal,
+)
 from proxy.trust import Caller
 from proxy.trust.evidence import caller_evidence
 
 log = logging.getLogger("keyless")
 
 _STATE = "keyless"
+# Per-flow response state (proxy.reflect): what was found, the body stream, a streamed refusal.
+_SCAN, _STREAM, _REFUSAL = "keyless.scan", "keyless.stream", "keyless.refusal"
 DECISION_HEADER = "Keyless-Decision-Id"
 
 
@@ -56,6 +71,7 @@ class KeylessAddon:
         listen = broker.config.listen
         self.egress = Egress(broker.config.egress, [(listen.address, listen.port)])
         self.transparent = listen.mode == "transparent"
+        self.limits = ResponseLimits.parse(listen.redact_max_body, listen.max_response_body)
         # Upstream (host, port) pairs an allowed request asked for, per client connection:
         # server_connect opens nothing else.
         self._allowed: dict[str, set[tuple[str, int]]] = {}
@@ -136,6 +152,10 @@ class KeylessAddon:
                     host_header=req.host_header)
                 ex.request["host"] = host
             ex.identity = await self.broker.attest(self._caller(flow))
+            # Before the policy: a TRACE echoes its credential back whatever the policy says.
+            trace = trace_refusal(req.method, self.broker.config.egress.trace)
+            if trace is not None:
+                raise trace
             check_authority(
                 scheme=req.scheme, host=host, port=req.port, host_header=req.host_header,
                 connect=self._tunnels.get(flow.client_conn.id), tls=flow.client_conn.tls_established,
@@ -190,13 +210,122 @@ class KeylessAddon:
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         ex: Exchange | None = flow.metadata.get(_STATE)
         if ex is not None and flow.response is not None:
+            if not ex.refused:
+                try:
+                    self._scan_headers(flow, ex)
+                except KeylessError as e:
+                    self._refuse_response(flow, ex, e)
+                except Exception as e:  # noqa: BLE001 - never hand on an unscanned response
+                    self._refuse_response(flow, ex, _internal("responseheaders", e))
             flow.response.headers[DECISION_HEADER] = ex.decision_id
 
     def response(self, flow: http.HTTPFlow) -> None:
         ex: Exchange | None = flow.metadata.get(_STATE)
         if ex is not None and flow.response is not None:
-            flow.response.headers[DECISION_HEADER] = ex.decision_id
-            self._audit(ex, flow.response.status_code)
+            try:
+                self._scan_body(flow, ex)
+            except KeylessError as e:
+                self._refuse_body(flow, ex, e)
+            except Exception as e:  # noqa: BLE001
+                self._refuse_body(flow, ex, _internal("response", e))
+            if flow.response is not None:
+                flow.response.headers[DECISION_HEADER] = ex.decision_id
+            self._audit(ex, flow.response.status_code if flow.response is not None else None)
+
+    def _scan_headers(self, flow: http.HTTPFlow, ex: Exchange) -> None:
+        """Redact the response headers and choose how its body is handled (proxy.reflect)."""
+        resp = flow.response
+        assert resp is not None
+        forms = ex.grant.secret_forms if ex.grant is not None else ()
+        redactor = Redactor.for_forms(forms)
+        scan = ResponseScan(redactor) if redactor else None
+        if scan is not None:
+            fields, scan.headers = redact_headers(resp.headers.fields, redactor)
+            if scan.headers:
+                resp.headers.fields = tuple(fields)
+            flow.metadata[_SCAN] = scan
+        try:
+            expected = expected_http_body_size(flow.request, resp)
+        except ValueError:
+            expected = None
+        encoding = resp.headers.get("content-encoding")
+        plan = plan_body(scanning=scan is not None, content_type=resp.headers.get("content-type"),
+                         content_encoding=encoding, expected=expected, limits=self.limits)
+        if scan is not None:
+            scan.plan = plan
+        if plan == "too_large":
+            raise KeylessError("response_too_large", "upstream response is larger than listen.max_response_body")
+        if plan == "unscannable":
+            raise KeylessError("response_unscannable", f"cannot decode Content-Encoding {encoding!r} to scan it")
+        if plan == "stream":
+            # Redacting changes the length and the body leaves decoded: no Content-Length or
+            # Content-Encoding any more; an HTTP/1.1 client gets it chunked.
+            stream = BodyStream(redactor, decoder_for(encoding), self.limits.max_body)
+            resp.headers.pop("content-length", None)
+            resp.headers.pop("content-encoding", None)
+            if flow.request.http_version == "HTTP/1.1" and "transfer-encoding" not in resp.headers:
+                resp.headers["transfer-encoding"] = "chunked"
+        elif plan == "binary" and self.limits.max_body is not None:
+            stream = BodyStream(None, None, self.limits.max_body)
+        else:
+            resp.stream = plan == "binary"
+            return
+        flow.metadata[_STREAM] = resp.stream = stream
+
+    def _scan_body(self, flow: http.HTTPFlow, ex: Exchange) -> None:
+        resp = flow.response
+        assert resp is not None
+        refusing: RefusalStream | None = flow.metadata.get(_REFUSAL)
+        if refusing is not None:
+            if not refusing.sent:
+                # The upstream sent no body, so the streamed refusal never went out.
+                assert ex.error is not None
+                flow.response = refusal(ex.error, ex.decision_id)
+            return
+        scan: ResponseScan | None = flow.metadata.get(_SCAN)
+        stream: BodyStream | None = flow.metadata.get(_STREAM)
+        if scan is not None:
+            if resp.trailers:
+                fields, names = redact_headers(resp.trailers.fields, scan.redactor)
+                resp.trailers.fields = tuple(fields)
+                scan.headers += [n for n in names if n not in scan.headers]
+            if stream is not None:
+                scan.body = stream.reflected
+            elif scan.plan == "full" and resp.raw_content:
+                try:
+                    body = redact_buffered(resp.raw_content, resp.headers.get("content-encoding"),
+                                           scan.redactor, self.limits)
+                except DecodeError:
+                    raise KeylessError("response_unscannable", "corrupt Content-Encoding; cannot scan it") from None
+                if body is not None:
+                    scan.body = True
+                    resp.headers.pop("content-encoding", None)
+                    resp.set_content(body)
+            ex.reflected = scan.as_audit()
+        if stream is not None and stream.failure is not None:
+            raise KeylessError(stream.failure, "upstream response stopped: " + (
+                "larger than listen.max_response_body" if stream.failure == "response_too_large"
+                else "its body could not be decoded to scan it"))
+
+    def _refuse_response(self, flow: http.HTTPFlow, ex: Exchange, error: KeylessError) -> None:
+        """Answer with a refusal instead of the upstream response whose headers just arrived.
+
+        The upstream body is still read (mitmproxy has no way to drop it here) but never kept:
+        the refusal streams out with its first chunk, the rest is discarded."""
+        ex.error = error
+        answer = refusal(error, ex.decision_id)
+        flow.metadata[_REFUSAL] = answer.stream = RefusalStream(answer.raw_content or b"")
+        flow.response = answer
+
+    def _refuse_body(self, flow: http.HTTPFlow, ex: Exchange, error: KeylessError) -> None:
+        ex.error = error
+        if flow.metadata.get(_STREAM) is not None or flow.metadata.get(_REFUSAL) is not None:
+            # Headers (and maybe part of the body) are already out: cut the connection so the
+            # client sees an incomplete response, never a complete-looking truncated one.
+            if flow.killable:
+                flow.kill()
+        else:
+            flow.response = refusal(error, ex.decision_id)
 
     def error(self, flow: http.HTTPFlow) -> None:
         ex: Exchange | None = flow.metadata.get(_STATE)

@@ -21,6 +21,7 @@ from proxy.errors import ConfigError, KeylessError
 from proxy.model import ANONYMOUS, Attestation, Decision, Grant, GrantContext, Identity, OutboundRequest, Source
 from proxy.policy import PolicyEngine, PolicyUnavailable
 from proxy.policy.input import build_input
+from proxy.reflect import injects
 from proxy.signing import Signer
 from proxy.strip import strip_credentials
 from proxy.trust import TRUST_PROVIDERS, Caller, TrustProvider
@@ -42,6 +43,9 @@ class Exchange:
     stripped: list[str] = field(default_factory=list)
     error: KeylessError | None = None
     failure: str | None = None
+    # What proxy.redact removed from the response (ResponseScan.as_audit()); None when no
+    # credential was injected, so nothing could be reflected.
+    reflected: dict[str, Any] | None = None
     audited: bool = False
 
     @property
@@ -127,7 +131,8 @@ class Broker:
         ex.stripped = strip_credentials(request, self.config.strip)
         decision = ex.decision
         assert decision is not None and decision.allow
-        if decision.credential is None:
+        if decision.credential is None or not injects(request.method):
+            # Never a credential on TRACE, whatever the policy chose (egress.trace: forward_bare).
             return
         provider = self.credentials[decision.credential]
         # In transparent mode request.host is the dialled address; credentials are minted for
@@ -155,6 +160,7 @@ class Broker:
             "policy_revision": d.revision if d is not None and d.revision else self.engine.revision,
             "credential": None if ex.grant is None else ex.grant.as_audit(),
             "stripped": ex.stripped,
+            "reflected": ex.reflected,
             "outcome": _outcome(ex, status),
             "latency_ms": round((time.perf_counter() - ex.started) * 1000, 3),
         }

@@ -66,6 +66,11 @@ class ListenConfig:
     workers: int = 1
     # Request bodies are buffered (SigV4 hashes them); larger ones are refused with 413.
     max_body_size: str = "64m"
+    # Text responses up to this size are buffered and scanned whole for a reflected credential;
+    # longer ones are scanned as they stream (proxy/reflect.py).
+    redact_max_body: str = "4m"
+    # Responses over this size are refused (502 response_too_large); None: no limit.
+    max_response_body: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,9 +172,13 @@ def parse_config(raw: Any, source: Path) -> Config:
         drain_seconds=s.number("drain_seconds", 10.0),
         workers=s.integer("workers", 1, lo=1, hi=64),
         max_body_size=s.text("max_body_size", "64m"),
+        redact_max_body=s.text("redact_max_body", "4m"),
+        max_response_body=s.text("max_response_body", None),
     )
-    if not re.fullmatch(r"[1-9][0-9]*[kmg]?", listen.max_body_size or "64m"):
-        s.error("must be a size such as 512k, 64m or 1g", "max_body_size")
+    for key in ("max_body_size", "redact_max_body", "max_response_body"):
+        value = getattr(listen, key)
+        if value is not None and not re.fullmatch(r"[1-9][0-9]*[kmg]?", value):
+            s.error("must be a size such as 512k, 64m or 1g", key)
     if listen.workers > 1 and listen.mode == "transparent":
         s.error("workers > 1 is supported in regular mode only (transparent listeners cannot share the port)",
                 "workers")

@@ -9,7 +9,9 @@ what happens to the body:
 * ``stream``: a longer text body, or one of unknown length, streams through a decoder and a
   ``StreamRedactor`` (an overlap of the longest pattern minus one byte is kept across chunks)
   and leaves as identity without Content-Length (chunked to an HTTP/1.1 client);
-* ``binary``: a body whose Content-Type is not text streams through unscanned;
+* ``binary``: a body whose Content-Type is not text, longer than ``redact_max_body`` or of
+  unknown length, or in an encoding Keyless cannot decode, streams through unscanned (a short
+  one in a known encoding is scanned like text: it costs next to nothing);
 * ``none``: no body (HEAD, 204, 304, Content-Length 0);
 * ``too_large``: Content-Length over ``listen.max_response_body``: a JSON 502 instead;
 * ``unscannable``: a text body in a Content-Encoding Keyless cannot decode: a JSON 502 (fail
@@ -243,12 +245,23 @@ def is_identity(content_encoding: str | None) -> bool:
     return all(c.strip().lower() in ("", "identity", "none") for c in (content_encoding or "").split(","))
 
 
+def size_bytes(text: str) -> int:
+    """``512k``, ``64m``, ``1g`` (powers of 1024, as mitmproxy reads them) or plain bytes."""
+    unit = text[-1:].lower()
+    scale = {"k": 1024, "m": 1024**2, "g": 1024**3}.get(unit)
+    return int(text[:-1]) * scale if scale else int(text)
+
+
 @dataclass(frozen=True, slots=True)
 class ResponseLimits:
     """``listen.redact_max_body`` and ``listen.max_response_body`` in bytes."""
 
     scan_max: int = 4 * 1024 * 1024
     max_body: int | None = None
+
+    @classmethod
+    def parse(cls, redact_max_body: str, max_response_body: str | None) -> ResponseLimits:
+        return cls(size_bytes(redact_max_body), None if max_response_body is None else size_bytes(max_response_body))
 
     @property
     def decoded_max(self) -> int:
@@ -268,11 +281,16 @@ def plan_body(*, scanning: bool, content_type: str | None, content_encoding: str
     known = expected is not None and expected > 0
     if limits.max_body is not None and known and expected is not None and expected > limits.max_body:
         return "too_large"
-    if not scanning or not is_text(content_type):
-        return "full" if known and expected is not None and expected <= limits.scan_max else "binary"
-    if decoder_for(content_encoding) is None:
+    small = known and expected is not None and expected <= limits.scan_max
+    if not scanning:
+        return "full" if small else "binary"
+    decodable = decoder_for(content_encoding) is not None
+    if not is_text(content_type):
+        # Scanning a small buffered body costs next to nothing, whatever its type.
+        return "full" if small and decodable else "binary"
+    if not decodable:
         return "unscannable"
-    return "full" if known and expected is not None and expected <= limits.scan_max else "stream"
+    return "full" if small else "stream"
 
 
 @dataclass(slots=True)
@@ -374,6 +392,10 @@ class RefusalStream:
 
     def __init__(self, body: bytes) -> None:
         self._body: bytes | None = body
+
+    @property
+    def sent(self) -> bool:
+        return self._body is None
 
     def __call__(self, data: bytes) -> list[bytes]:
         body, self._body = self._body, None

@@ -144,8 +144,9 @@ def test_plans() -> None:
     assert plan("application/json", None, 20_000) == "too_large"
     assert plan("image/png", None, 20_000) == "too_large"
     assert plan("image/png", None, 5000) == "binary"
+    assert plan("image/png", None, 500) == "full"
     assert plan("text/plain", "compress", 500) == "unscannable"
-    assert plan("image/png", "compress", 500) == "full"
+    assert plan("image/png", "compress", 500) == "binary"
     assert plan("text/plain", None, 500, scanning=False) == "full"
     assert plan("text/plain", None, 5000, scanning=False) == "binary"
 
