@@ -54,7 +54,7 @@ def test_short_forms_are_not_scanned() -> None:
     assert set(patterns(header_forms(f"Key {short}", short))) == {
         f"Key {short}".encode(), f"Key%20{short}".encode(), f"Key+{short}".encode()}
     body = b"aaaaaaa appears in ordinary text: aaaaaaa"
-    assert Redactor.for_forms([short]).redact(body) == (body, False)
+    assert Redactor.for_forms((short,)).redact(body) == (body, False)
 
 
 def test_grant_never_shows_its_forms() -> None:
@@ -80,7 +80,7 @@ def test_body_whole_value_wins_over_bare_token() -> None:
 
 def test_escaped_spellings_are_found() -> None:
     secret = "s3cr/t+value=with:chars"
-    r = Redactor.for_forms([secret])
+    r = Redactor.for_forms((secret,))
     for body in (json.dumps({"v": secret}).encode(), json.dumps(secret).replace("/", "\\/").encode(),
                  b"q=s3cr%2Ft%2Bvalue%3Dwith%3Achars", b"q=s3cr%2Ft%2Bvalue%3Dwith%3Achars&x=1"):
         out, hit = r.redact(body)
