@@ -30,7 +30,7 @@ import requests
 from aiohttp import web
 
 from proxy.demo import free_port, make_tls_files
-from tests.clients import curl, proxy_environ, req
+from tests.clients import Reply, curl, proxy_environ, req
 from tests.harness import REPO, Keyless, base_config
 
 BILLING = "spiffe://demo.local/billing"
@@ -215,11 +215,21 @@ def assert_clean(env: Env, headers: dict[str, str], body: bytes) -> None:
         assert canary not in text
 
 
-@pytest.mark.parametrize("client", ["curl", "requests"])
+def fetch(env: Env, client: str, url: str) -> Reply:
+    if client == "requests":
+        return req(env.k, "GET", url)
+    # curl-h2 speaks HTTP/2 to Keyless inside the CONNECT tunnel (the upstream stays HTTP/1.1).
+    r = curl(env.k, url, "--compressed", *(["--http2"] if client == "curl-h2" else []))
+    if client == "curl-h2":
+        assert r.status == 200 and "transfer-encoding" not in r.headers
+    return r
+
+
+@pytest.mark.parametrize("client", ["curl", "curl-h2", "requests"])
 @pytest.mark.parametrize("encoding", ["", "gzip", "br"])
 def test_echoed_bearer_is_redacted(env: Env, client: str, encoding: str) -> None:
     url = env.echo.url(f"/anything/static?encoding={encoding}")
-    r = curl(env.k, url, "--compressed") if client == "curl" else req(env.k, "GET", url)
+    r = fetch(env, client, url)
     assert r.status == 200
     # The credential did reach the upstream ...
     assert env.last()["headers"]["Authorization"] == f"Bearer {env.key}"
@@ -274,11 +284,11 @@ def test_undecodable_text_is_refused(env: Env) -> None:
     assert env.record(r.decision_id)["outcome"]["error"] == "response_unscannable"
 
 
-@pytest.mark.parametrize("client", ["curl", "requests"])
+@pytest.mark.parametrize("client", ["curl", "curl-h2", "requests"])
 def test_streamed_text_split_across_chunks(env: Env, client: str) -> None:
     # Past redact_max_body (64k here) and chunked: scanned as it streams.
     url = env.echo.url("/anything?stream=2000000")
-    r = curl(env.k, url) if client == "curl" else req(env.k, "GET", url)
+    r = fetch(env, client, url)
     assert r.status == 200
     assert_clean(env, r.headers, r.body)
     assert f"auth={MARKER}\n".encode() in r.body
