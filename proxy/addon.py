@@ -21,18 +21,7 @@ from proxy.egress import Egress
 from proxy.errors import KeylessError
 from proxy.model import Attestation, Source
 from proxy.paths import check_path
-from proxy.redact import Redactor, redact_headers
-from proxy.reflect import (
-    BodyStream,
-    DecodeError,
-    RefusalStream,
-    ResponseLimits,
-    ResponseScan,
-    decoder_for,
-    plan_body,
-    redact_buffered,
-    trace_refusal,
-)
+from proxy.reflect import RefusalStream, ResponseLimits, ResponseScan, finish_response, prepare_response, trace_refusal
 from proxy.trust import Caller
 from proxy.trust.evidence import caller_evidence
 
@@ -40,7 +29,7 @@ log = logging.getLogger("keyless")
 
 _STATE = "keyless"
 # Per-flow response state (proxy.reflect): what was found, the body stream, a streamed refusal.
-_SCAN, _STREAM, _REFUSAL = "keyless.scan", "keyless.stream", "keyless.refusal"
+_SCAN, _REFUSAL = "keyless.scan", "keyless.refusal"
 DECISION_HEADER = "Keyless-Decision-Id"
 
 
@@ -236,41 +225,16 @@ class KeylessAddon:
         """Redact the response headers and choose how its body is handled (proxy.reflect)."""
         resp = flow.response
         assert resp is not None
-        forms = ex.grant.secret_forms if ex.grant is not None else ()
-        redactor = Redactor.for_forms(forms)
-        scan = ResponseScan(redactor) if redactor else None
-        if scan is not None:
-            fields, scan.headers = redact_headers(resp.headers.fields, redactor)
-            if scan.headers:
-                resp.headers.fields = tuple(fields)
-            flow.metadata[_SCAN] = scan
         try:
             expected = expected_http_body_size(flow.request, resp)
         except ValueError:
             expected = None
-        encoding = resp.headers.get("content-encoding")
-        plan = plan_body(scanning=scan is not None, content_type=resp.headers.get("content-type"),
-                         content_encoding=encoding, expected=expected, limits=self.limits)
-        if scan is not None:
-            scan.plan = plan
-        if plan == "too_large":
-            raise KeylessError("response_too_large", "upstream response is larger than listen.max_response_body")
-        if plan == "unscannable":
-            raise KeylessError("response_unscannable", f"cannot decode Content-Encoding {encoding!r} to scan it")
-        if plan == "stream":
-            # Redacting changes the length and the body leaves decoded: no Content-Length or
-            # Content-Encoding any more; an HTTP/1.1 client gets it chunked.
-            stream = BodyStream(redactor, decoder_for(encoding), self.limits.max_body)
-            resp.headers.pop("content-length", None)
-            resp.headers.pop("content-encoding", None)
-            if flow.request.http_version == "HTTP/1.1" and "transfer-encoding" not in resp.headers:
-                resp.headers["transfer-encoding"] = "chunked"
-        elif plan == "binary" and self.limits.max_body is not None:
-            stream = BodyStream(None, None, self.limits.max_body)
-        else:
-            resp.stream = plan == "binary"
-            return
-        flow.metadata[_STREAM] = resp.stream = stream
+        p = prepare_response(ex.grant.secret_forms if ex.grant is not None else (), list(resp.headers.fields),
+                             expected=expected, client_http11=flow.request.http_version == "HTTP/1.1",
+                             limits=self.limits)
+        resp.headers.fields = tuple(p.fields)
+        resp.stream = p.stream
+        flow.metadata[_SCAN] = p.scan
 
     def _scan_body(self, flow: http.HTTPFlow, ex: Exchange) -> None:
         resp = flow.response
@@ -283,29 +247,16 @@ class KeylessAddon:
                 flow.response = refusal(ex.error, ex.decision_id)
             return
         scan: ResponseScan | None = flow.metadata.get(_SCAN)
-        stream: BodyStream | None = flow.metadata.get(_STREAM)
+        done = finish_response(scan, resp.stream, trailers=list(resp.trailers.fields) if resp.trailers else None,
+                               raw=resp.raw_content, content_encoding=resp.headers.get("content-encoding"),
+                               limits=self.limits)
         if scan is not None:
-            if resp.trailers:
-                fields, names = redact_headers(resp.trailers.fields, scan.redactor)
-                resp.trailers.fields = tuple(fields)
-                scan.headers += [n for n in names if n not in scan.headers]
-            if stream is not None:
-                scan.body = stream.reflected
-            elif scan.plan == "full" and resp.raw_content:
-                try:
-                    body = redact_buffered(resp.raw_content, resp.headers.get("content-encoding"),
-                                           scan.redactor, self.limits)
-                except DecodeError:
-                    raise KeylessError("response_unscannable", "corrupt Content-Encoding; cannot scan it") from None
-                if body is not None:
-                    scan.body = True
-                    resp.headers.pop("content-encoding", None)
-                    resp.set_content(body)
             ex.reflected = scan.as_audit()
-        if stream is not None and stream.failure is not None:
-            raise KeylessError(stream.failure, "upstream response stopped: " + (
-                "larger than listen.max_response_body" if stream.failure == "response_too_large"
-                else "its body could not be decoded to scan it"))
+        if done.trailers is not None and resp.trailers is not None:
+            resp.trailers.fields = tuple(done.trailers)
+        if done.body is not None:
+            resp.headers.pop("content-encoding", None)
+            resp.set_content(done.body)
 
     def _refuse_response(self, flow: http.HTTPFlow, ex: Exchange, error: KeylessError) -> None:
         """Answer with a refusal instead of the upstream response whose headers just arrived.
@@ -319,7 +270,7 @@ class KeylessAddon:
 
     def _refuse_body(self, flow: http.HTTPFlow, ex: Exchange, error: KeylessError) -> None:
         ex.error = error
-        if flow.metadata.get(_STREAM) is not None or flow.metadata.get(_REFUSAL) is not None:
+        if flow.response is not None and flow.response.stream:
             # Headers (and maybe part of the body) are already out: cut the connection so the
             # client sees an incomplete response, never a complete-looking truncated one.
             if flow.killable:

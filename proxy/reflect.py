@@ -31,7 +31,7 @@ from typing import Any, Protocol
 import brotli  # type: ignore[import-untyped]
 
 from proxy.errors import KeylessError
-from proxy.redact import Redactor, StreamRedactor
+from proxy.redact import Redactor, StreamRedactor, redact_headers
 
 try:  # Python 3.14 has it in the standard library; mitmproxy depends on the backport before.
     from compression import zstd  # type: ignore[import-not-found,unused-ignore]
@@ -384,6 +384,91 @@ class BodyStream:
                     yield tail
         except Exception:  # noqa: BLE001 - DecodeError or worse: it must not reach mitmproxy's layer
             self.failure = "response_unscannable"
+
+
+Fields = list[tuple[bytes, bytes]]
+
+
+@dataclass(slots=True)
+class Prepared:
+    """What ``responseheaders`` does to a response: its new header fields, what to set as
+    mitmproxy's ``response.stream`` (False: buffer), and the scan state (None: no credential)."""
+
+    fields: Fields
+    stream: BodyStream | bool
+    scan: ResponseScan | None
+
+
+def prepare_response(forms: tuple[str, ...], fields: Fields, *, expected: int | None, client_http11: bool,
+                     limits: ResponseLimits) -> Prepared:
+    """Redact the response headers and plan the body, from the headers alone.
+
+    Raises KeylessError ``response_too_large`` or ``response_unscannable`` when the response
+    must be refused instead."""
+    redactor = Redactor.for_forms(forms)
+    scan = ResponseScan(redactor) if redactor else None
+    if scan is not None:
+        fields, scan.headers = redact_headers(fields, redactor)
+    content_type, encoding = _header(fields, b"content-type"), _header(fields, b"content-encoding")
+    plan = plan_body(scanning=scan is not None, content_type=content_type, content_encoding=encoding,
+                     expected=expected, limits=limits)
+    if scan is not None:
+        scan.plan = plan
+    if plan == "too_large":
+        raise KeylessError("response_too_large", "upstream response is larger than listen.max_response_body")
+    if plan == "unscannable":
+        raise KeylessError("response_unscannable", f"cannot decode Content-Encoding {encoding!r} to scan it")
+    if plan == "stream":
+        # Redacting changes the length and the body leaves decoded: no Content-Length or
+        # Content-Encoding any more; an HTTP/1.1 client gets it chunked.
+        fields = [f for f in fields if f[0].lower() not in (b"content-length", b"content-encoding")]
+        if client_http11 and _header(fields, b"transfer-encoding") is None:
+            fields.append((b"transfer-encoding", b"chunked"))
+        return Prepared(fields, BodyStream(redactor, decoder_for(encoding), limits.max_body), scan)
+    if plan == "binary":
+        return Prepared(fields, BodyStream(None, None, limits.max_body) if limits.max_body is not None else True,
+                        scan)
+    return Prepared(fields, False, scan)
+
+
+@dataclass(slots=True)
+class Finished:
+    """What ``response`` does to the response: new trailer fields (None: unchanged) and a new
+    identity body (None: unchanged, the body leaves exactly as it came)."""
+
+    trailers: Fields | None = None
+    body: bytes | None = None
+
+
+def finish_response(scan: ResponseScan | None, stream: object, *, trailers: Fields | None,
+                    raw: bytes | None, content_encoding: str | None, limits: ResponseLimits) -> Finished:
+    """Scan what mitmproxy buffered (the body under plan ``full``, trailers), and turn a failure
+    the body stream recorded into its KeylessError; fills ``scan`` for the audit record."""
+    done = Finished()
+    if scan is not None:
+        if trailers:
+            done.trailers, names = redact_headers(trailers, scan.redactor)
+            scan.headers += [n for n in names if n not in scan.headers]
+        if isinstance(stream, BodyStream):
+            scan.body = stream.reflected
+        elif scan.plan == "full" and raw:
+            try:
+                done.body = redact_buffered(raw, content_encoding, scan.redactor, limits)
+            except DecodeError:
+                raise KeylessError("response_unscannable", "corrupt Content-Encoding; cannot scan it") from None
+            scan.body = done.body is not None
+    if isinstance(stream, BodyStream) and stream.failure is not None:
+        raise KeylessError(stream.failure, "upstream response stopped: " + (
+            "larger than listen.max_response_body" if stream.failure == "response_too_large"
+            else "its body could not be decoded to scan it"))
+    return done
+
+
+def _header(fields: Fields, name: bytes) -> str | None:
+    for k, v in fields:
+        if k.lower() == name:
+            return v.decode("latin-1")
+    return None
 
 
 class RefusalStream:

@@ -226,3 +226,40 @@ def test_body_stream_limit_and_corruption() -> None:
     broken = BodyStream(redactor(), decoder_for("gzip"), None)
     assert list(broken(b"\x1f\x8b garbage that is no gzip stream")) == []
     assert broken.failure == "response_unscannable"
+
+
+def test_prepare_and_finish_a_streamed_response() -> None:
+    from proxy.reflect import finish_response, prepare_response
+
+    fields = [(b"Content-Type", b"text/plain"), (b"Content-Length", b"9000000"), (b"Content-Encoding", b"gzip"),
+              (b"X-Echo", HEADER.encode())]
+    p = prepare_response(header_forms(HEADER, TOKEN), fields, expected=9_000_000, client_http11=True,
+                         limits=ResponseLimits())
+    assert p.fields == [(b"Content-Type", b"text/plain"), (b"X-Echo", MARKER), (b"transfer-encoding", b"chunked")]
+    assert isinstance(p.stream, BodyStream) and p.scan is not None
+    out = b"".join(p.stream(gzip.compress(HEADER.encode()))) + b"".join(p.stream(b""))
+    assert out == MARKER
+    done = finish_response(p.scan, p.stream, trailers=[(b"X-Trailer", TOKEN.encode())], raw=None,
+                           content_encoding=None, limits=ResponseLimits())
+    assert done.trailers == [(b"X-Trailer", MARKER)] and done.body is None
+    assert p.scan.as_audit() == {"headers": ["x-echo", "x-trailer"], "body": True, "body_scan": "stream"}
+
+
+def test_prepare_refuses_and_buffers() -> None:
+    from proxy.errors import KeylessError
+    from proxy.reflect import finish_response, prepare_response
+
+    lim = ResponseLimits(scan_max=1000, max_body=5000)
+    with pytest.raises(KeylessError) as e:
+        prepare_response((), [(b"Content-Length", b"6000")], expected=6000, client_http11=True, limits=lim)
+    assert e.value.code == "response_too_large" and e.value.status == 502
+    # No credential: a small body stays buffered and untouched, a large one streams, counted.
+    assert prepare_response((), [], expected=10, client_http11=True, limits=lim).stream is False
+    assert isinstance(prepare_response((), [], expected=None, client_http11=True, limits=lim).stream, BodyStream)
+    p = prepare_response(header_forms(HEADER, TOKEN), [(b"Content-Type", b"application/json")], expected=100,
+                         client_http11=True, limits=lim)
+    assert p.stream is False and p.scan is not None
+    done = finish_response(p.scan, p.stream, trailers=None, raw=json.dumps({"a": HEADER}).encode(),
+                           content_encoding=None, limits=lim)
+    assert done.body == json.dumps({"a": MARKER.decode()}).encode()
+    assert p.scan.as_audit() == {"headers": [], "body": True, "body_scan": "full"}
