@@ -14,9 +14,11 @@ plus the streaming redactor's throughput on a 4 MiB text body in 16 KiB chunks.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gzip
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -36,37 +38,34 @@ def body(echo: bool) -> bytes:
     return out + b" " * max(0, 4096 - len(out))
 
 
-def make_addon() -> Any:
+def make_addon(tmp: Path) -> Any:
+    """The real addon over a real Pipeline (default policy, no network), with a sink that drops
+    records: the benchmark measures the response hooks, not the disk."""
     from proxy.addon import KeylessAddon
+    from proxy.config import parse_config
+    from proxy.pipeline import Pipeline
+    from proxy.server import prepare
 
-    class Cfg:
-        class listen:  # noqa: N801 - stands in for ListenConfig
-            address, port, mode = "127.0.0.1", 1, "regular"
-            redact_max_body, max_response_body = "4m", None
-
-        class egress:  # noqa: N801
-            from proxy.egress import EgressConfig
-
-    class FakeBroker:
-        config = Cfg
-        config.egress = Cfg.egress.EgressConfig()  # type: ignore[attr-defined]
-
-        def audit(self, ex: Any, status: Any) -> None:
+    class NullSink:
+        def emit(self, event: Any) -> None:
             pass
 
-    return KeylessAddon(FakeBroker())  # type: ignore[arg-type]
+    raw = {"listen": {"port": 1}, "tls": {"ca_dir": str(tmp / "ca")}, "policy": {"dir": str(REPO / "policies")},
+           "credentials": {}, "audit": {"path": str(tmp / "audit.log")}}
+    cfg = parse_config(raw, tmp / "keyless.yaml")
+    prep = prepare(cfg)
+    return KeylessAddon(Pipeline(cfg, prep.engine, prep.signer, NullSink(), prep.trust, prep.credentials))
 
 
 def flow(addon: Any, raw: bytes, *, credential: bool, echo_header: bool, encoding: str | None) -> Any:
     from mitmproxy.test import tflow
 
     from proxy.addon import _STATE
-    from proxy.broker import Exchange
-    from proxy.model import Grant, Source
+    from proxy.model import Grant
     from proxy.redact import header_forms
 
     f = tflow.tflow(resp=True)
-    ex = Exchange(Source("127.0.0.1", 1))
+    ex = addon.pipeline.begin(("127.0.0.1", 1))
     if credential:
         ex.grant = Grant("api", "static", None, "fp", header_forms(f"Bearer {TOKEN}", TOKEN))
     f.metadata[_STATE] = ex
@@ -85,17 +84,20 @@ def flow(addon: Any, raw: bytes, *, credential: bool, echo_header: bool, encodin
     return f
 
 
-def hooks_us(n: int, batches: int, **kw: Any) -> float:
-    addon = make_addon()
+def hooks_us(addon: Any, n: int, batches: int, **kw: Any) -> float:
     raw = body(kw.pop("echo_body"))
     results = []
-    for _ in range(batches):
-        flows = [flow(addon, raw, **kw) for _ in range(n)]
+
+    async def run(flows: list[Any]) -> float:
         started = time.process_time()
         for f in flows:
-            addon.responseheaders(f)
-            addon.response(f)
-        results.append((time.process_time() - started) / n * 1e6)
+            await addon.responseheaders(f)
+            await addon.response(f)
+        return time.process_time() - started
+
+    for _ in range(batches):
+        flows = [flow(addon, raw, **kw) for _ in range(n)]
+        results.append(asyncio.run(run(flows)) / n * 1e6)
     return min(results)
 
 
@@ -123,18 +125,21 @@ def main() -> int:
     p.add_argument("--batches", type=int, default=5)
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
-    rows = {
-        "no credential (nothing to scan)": hooks_us(a.n, a.batches, credential=False, echo_header=False,
-                                                    echo_body=False, encoding=None),
-        "credential, no reflection": hooks_us(a.n, a.batches, credential=True, echo_header=False, echo_body=False,
-                                              encoding=None),
-        "credential echoed in header + body": hooks_us(a.n, a.batches, credential=True, echo_header=True,
-                                                       echo_body=True, encoding=None),
-        "credential, no reflection, gzip": hooks_us(a.n, a.batches, credential=True, echo_header=False,
-                                                    echo_body=False, encoding="gzip"),
-        "credential echoed, gzip": hooks_us(a.n, a.batches, credential=True, echo_header=True, echo_body=True,
-                                            encoding="gzip"),
-    }
+    with tempfile.TemporaryDirectory() as d:
+        addon = make_addon(Path(d))
+        cases = {
+            "no credential (nothing to scan)": {"credential": False, "echo_header": False, "echo_body": False,
+                                                "encoding": None},
+            "credential, no reflection": {"credential": True, "echo_header": False, "echo_body": False,
+                                          "encoding": None},
+            "credential echoed in header + body": {"credential": True, "echo_header": True, "echo_body": True,
+                                                   "encoding": None},
+            "credential, no reflection, gzip": {"credential": True, "echo_header": False, "echo_body": False,
+                                                "encoding": "gzip"},
+            "credential echoed, gzip": {"credential": True, "echo_header": True, "echo_body": True,
+                                        "encoding": "gzip"},
+        }
+        rows = {name: hooks_us(addon, a.n, a.batches, **kw) for name, kw in cases.items()}
     stream = stream_mib_s(a.batches)
     if a.json:
         print(json.dumps({"hooks_us_per_response": rows, "stream_redactor_mib_per_s": stream}, indent=2))
