@@ -218,6 +218,9 @@ class KeylessAddon:
         resp.headers.fields = tuple(p.fields)
         resp.stream = p.stream
         flow.metadata[_SCAN] = p.scan
+        if p.scan is not None:
+            # Already true of the headers; a flow that dies mid-body is audited with it.
+            ex.reflected = p.scan.as_audit()
 
     def _scan_body(self, flow: http.HTTPFlow, ex: Exchange) -> None:
         resp = flow.response

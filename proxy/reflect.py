@@ -113,36 +113,53 @@ class _Zlib:
     def __init__(self, gzip: bool) -> None:
         self._gzip = gzip
         self._d: Any = zlib.decompressobj(47) if gzip else None
-        self._head = b""
+        # deflate: what was fed before the first output, to replay as raw deflate if the
+        # zlib-wrapped guess turns out wrong (as mitmproxy's own decoder falls back).
+        self._replay: bytearray | None = None if gzip else bytearray()
 
     def feed(self, data: bytes) -> Iterator[bytes]:
-        if self._d is None:
-            # deflate: a zlib header is two bytes, CM=8 and a checksum over both.
-            self._head += data
-            if len(self._head) < 2:
-                return
-            b0, b1 = self._head[0], self._head[1]
-            wrapped = b0 & 0x0F == 8 and ((b0 << 8) | b1) % 31 == 0
-            self._d = zlib.decompressobj(15 if wrapped else -15)
-            data, self._head = self._head, b""
+        if self._replay is not None:
+            self._replay += data
+            if len(self._replay) > PIECE and self._d is not None:
+                # Valid deflate yields output long before this: no fallback, no growing buffer.
+                self._replay = None
+            elif self._d is None:
+                if len(self._replay) < 2:
+                    return
+                # A zlib header is two bytes: CM=8 and a checksum over both.
+                b0, b1 = self._replay[0], self._replay[1]
+                self._d = zlib.decompressobj(15 if b0 & 0x0F == 8 and ((b0 << 8) | b1) % 31 == 0 else -15)
+                data = bytes(self._replay)
         try:
-            while data:
-                out = self._d.decompress(data, PIECE)
-                if out:
-                    yield out
-                data = self._d.unconsumed_tail
-                if self._d.eof:
-                    rest = self._d.unused_data
-                    if not (self._gzip and rest):
-                        return
-                    self._d = zlib.decompressobj(47)
-                    data = rest
+            yield from self._run(data)
         except zlib.error:
-            raise DecodeError("corrupt compressed body") from None
+            if self._replay is None:
+                raise DecodeError("corrupt compressed body") from None
+            # Nothing came out yet: try the bytes again as raw deflate, once.
+            replay, self._replay = bytes(self._replay), None
+            self._d = zlib.decompressobj(-15)
+            try:
+                yield from self._run(replay)
+            except zlib.error:
+                raise DecodeError("corrupt compressed body") from None
+
+    def _run(self, data: bytes) -> Iterator[bytes]:
+        while data:
+            out = self._d.decompress(data, PIECE)
+            if out:
+                self._replay = None
+                yield out
+            data = self._d.unconsumed_tail
+            if self._d.eof:
+                rest = self._d.unused_data
+                if not (self._gzip and rest):
+                    return
+                self._d = zlib.decompressobj(47)
+                data = rest
 
     def finish(self) -> Iterator[bytes]:
         if self._d is None:
-            if self._head:
+            if self._replay:
                 raise DecodeError("truncated compressed body")
             return
         try:

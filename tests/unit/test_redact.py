@@ -263,3 +263,22 @@ def test_prepare_refuses_and_buffers() -> None:
                            content_encoding=None, limits=lim)
     assert done.body == json.dumps({"a": MARKER.decode()}).encode()
     assert p.scan.as_audit() == {"headers": [], "body": True, "body_scan": "full"}
+
+
+def test_raw_deflate_that_looks_like_zlib_is_still_decoded() -> None:
+    # Raw deflate from zlib never passes the zlib header check, but the spec lets a stored
+    # block's padding bits be anything: 0x08 then LEN=29 makes "08 1d", a valid zlib header.
+    payload = (b"x" * 10 + HEADER.encode() + b"y" * 10)
+
+    def stored(final: bool, chunk: bytes, first: int) -> bytes:
+        n = len(chunk)
+        return bytes([first | final]) + n.to_bytes(2, "little") + (n ^ 0xFFFF).to_bytes(2, "little") + chunk
+
+    data = stored(False, payload[:29], 0x08) + stored(True, payload[29:], 0)
+    assert data[0] & 0x0F == 8 and ((data[0] << 8) | data[1]) % 31 == 0
+    assert zlib.decompress(data, -15) == payload
+    want = b"x" * 10 + MARKER + b"y" * 10
+    assert redact_buffered(data, "deflate", redactor(), ResponseLimits()) == want
+    stream = BodyStream(redactor(), decoder_for("deflate"), None)
+    out = b"".join(b"".join(stream(data[j:j + 3])) for j in range(0, len(data), 3)) + b"".join(stream(b""))
+    assert out == want and stream.failure is None
