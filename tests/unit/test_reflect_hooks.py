@@ -144,3 +144,18 @@ def test_trace_forward_bare_injects_nothing(tmp_path: Path) -> None:
     [record] = rig.records()
     assert record["decision"]["credential"] == "key" and record["credential"] is None
     assert record["reflected"] is None
+
+
+def test_config_keys_are_validated_with_their_path(tmp_path: Path) -> None:
+    from proxy.errors import ConfigError
+
+    raw = {"policy": {"dir": str(REPO / "policies")}, "tls": {"ca_dir": str(tmp_path / "ca")},
+           "listen": {"redact_max_body": "lots", "max_response_body": "0"}, "egress": {"trace": "allow"}}
+    with pytest.raises(ConfigError) as e:
+        parse_config(raw, tmp_path / "keyless.yaml")
+    text = "\n".join(e.value.problems)
+    assert "listen.redact_max_body: must be a size such as 512k, 64m or 1g" in text
+    assert "listen.max_response_body: must be a size" in text
+    assert "egress.trace:" in text and "refuse, forward_bare" in text
+    ok = parse_config({**raw, "listen": {"max_response_body": "2g"}, "egress": {}}, tmp_path / "keyless.yaml")
+    assert ok.listen.redact_max_body == "4m" and ok.listen.max_response_body == "2g" and ok.egress.trace == "refuse"
