@@ -121,7 +121,11 @@ class KeylessAddon:
             ex = self._exchange(flow)
             self.pipeline.refuse(ex, error)
             status: int | None = error.status
-            if isinstance(flow, http.HTTPFlow) and not (flow.response is not None and flow.response.stream):
+            if isinstance(flow, http.HTTPFlow) and flow.response is not None and flow.response.timestamp_end is None:
+                # responseheaders: the upstream head is in, its body not yet read. A refusal set
+                # plainly would be filled with that body when mitmproxy reads it: stream it.
+                self._refuse_response(flow, ex, error)
+            elif isinstance(flow, http.HTTPFlow) and not (flow.response is not None and flow.response.stream):
                 flow.response = refusal(error, ex.decision_id)
             else:
                 # A streamed response already has its head on the wire, and a raw TCP flow has

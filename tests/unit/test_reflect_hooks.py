@@ -159,3 +159,23 @@ def test_config_keys_are_validated_with_their_path(tmp_path: Path) -> None:
     assert "egress.trace:" in text and "refuse, forward_bare" in text
     ok = parse_config({**raw, "listen": {"max_response_body": "2g"}, "egress": {}}, tmp_path / "keyless.yaml")
     assert ok.listen.redact_max_body == "4m" and ok.listen.max_response_body == "2g" and ok.egress.trace == "refuse"
+
+
+def test_the_guard_streams_its_refusal_in_responseheaders(rig: Rig) -> None:
+    from proxy.addon import guarded
+
+    async def broken(self: KeylessAddon, f: Any) -> None:
+        raise RuntimeError("bug")
+
+    f = rig.forward()
+    f.response = http.Response.make(200)
+    f.response.timestamp_end = None  # as mitmproxy leaves it until the body is read
+    f.response.headers["Content-Length"] = "5000"
+    asyncio.run(guarded("responseheaders")(broken)(rig.addon, f))
+    # Not a plain refusal (mitmproxy would fill it with the upstream body): a streamed one.
+    assert f.response.status_code == 500 and callable(f.response.stream)
+    assert json.loads(b"".join(f.response.stream(b"upstream body")))["error"] == "internal_error"
+    assert b"".join(f.response.stream(b"more")) == b""
+    asyncio.run(rig.addon.response(f))
+    [record] = rig.records()
+    assert record["outcome"]["error"] == "internal_error" and record["outcome"]["status"] == 500
