@@ -14,6 +14,7 @@ import functools
 import json
 import logging
 import traceback
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -23,6 +24,7 @@ from mitmproxy.net.http.http1 import expected_http_body_size
 from mitmproxy.proxy import server_hooks
 
 from proxy.audit.event import RequestRecord
+from proxy.authority import Target
 from proxy.errors import KeylessError
 from proxy.pipeline import Connection, Exchange, Pipeline, RequestView
 from proxy.reflect import RefusalStream, ResponseLimits, ResponseScan, finish_response, prepare_response
@@ -71,6 +73,23 @@ def view(req: http.Request) -> RequestView:
     )
 
 
+def point_at(flow: http.HTTPFlow, dest: Target, transparent: bool) -> None:
+    """Dial, and tell the upstream, the canonical form the decision was made for.
+
+    The host setter also rewrites Host and ``:authority``, but without IPv6 brackets
+    (mitmproxy's ``url.hostport``), so the header is set again from the Target. In transparent
+    mode the dialled address is the kernel's and stays.
+    """
+    req = flow.request
+    if not transparent:
+        req.host = dest.host
+        if not flow.server_conn.connected:
+            # A tunnel's upstream TLS would otherwise get the client's SNI spelling.
+            flow.server_conn.sni = dest.host
+    if req.host_header is not None:
+        req.host_header = dest.host_header(req.scheme)
+
+
 def _upstream(req: http.Request) -> Callable[[str, int], None]:
     def switch(host: str, port: int) -> None:
         # Scheme and port first: the host setter rewrites the Host header from all three.
@@ -103,6 +122,8 @@ class KeylessAddon:
         self.pipeline = pipeline
         listen = pipeline.config.listen
         self.limits = ResponseLimits.parse(listen.redact_max_body, listen.max_response_body)
+        # While a server connection dials: the name it was opened for, and its reserved dial name.
+        self._dialling: weakref.WeakKeyDictionary[Any, tuple[tuple[str, int], str]] = weakref.WeakKeyDictionary()
 
     @property
     def inflight(self) -> set[str]:
@@ -148,14 +169,19 @@ class KeylessAddon:
     async def http_connect(self, flow: http.HTTPFlow) -> None:
         ex = self._exchange(flow)
         req = flow.request
-        await self.pipeline.open_tunnel(ex, connection(flow.client_conn), req.host, req.port,
-                                        req.headers.get_all("proxy-authorization"))
+        tunnel = await self.pipeline.open_tunnel(ex, connection(flow.client_conn), req.host, req.port,
+                                                 req.headers.get_all("proxy-authorization"))
+        # mitmproxy dials (request.host, request.port) after this hook: the canonical address.
+        req.host, req.authority = tunnel.host, tunnel.authority
 
     @guarded("requestheaders")
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         ex = self._exchange(flow)
         req, conn = flow.request, connection(flow.client_conn)
         await self.pipeline.decide(ex, conn, view(req))
+        if ex.target is None:
+            raise KeylessError("internal_error", "decided without a canonical target")
+        point_at(flow, ex.target, self.pipeline.transparent)
         if not (req.is_http2 or req.is_http3):
             # Forward in origin-form so the upstream routes on the Host header that was checked.
             req.authority = ""
@@ -177,12 +203,43 @@ class KeylessAddon:
     async def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         # Runs before any byte reaches the upstream; setting server.error aborts the connection.
         try:
-            await self.pipeline.check_upstream(data.client.id, data.server.address)
+            pin = self.pipeline.check_upstream(data.client.id, data.server.address)
+            name = data.server.address
+            if name is None:
+                raise KeylessError("forbidden", "upstream connection without a destination")
+            # mitmproxy dials server.address with asyncio.open_connection, which would resolve the
+            # name again: give it a reserved name that only the pin's checked addresses answer
+            # (egress.DialNames). SNI and the certificate check use server.sni, which mitmproxy
+            # set to the name (set it here if not, as tls_start_server would).
+            if data.server.tls and data.server.sni is None:
+                data.server.sni = data.client.sni or name[0]
+            egress = self.pipeline.egress
+            dial = egress.dial_names.name_for(pin)
+            data.server.address = (dial, pin.port)
+            self._dialling[data.server] = (name, dial)
         except KeylessError as e:
             log.warning("refused upstream connection from %s: %s", data.client.peername, e.message)
             data.server.error = f"keyless: {e.message}"
         except Exception as e:  # noqa: BLE001 - fail closed on anything
             data.server.error = f"keyless: {internal('server_connect', e).message}"
+
+    def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
+        # Back to the name: mitmproxy reuses a connection whose address equals the request's
+        # (host, port), so it keeps serving that name only, and only from the checked address.
+        self._restore_name(data)
+
+    def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
+        self._restore_name(data)
+
+    def _restore_name(self, data: server_hooks.ServerConnectionHookData) -> None:
+        dialled = self._dialling.pop(data.server, None)
+        if dialled is not None:
+            name, dial = dialled
+            self.pipeline.egress.dial_names.forget(dial)
+            # Server.__setattr__ refuses a new address on an open connection, because changing it
+            # would not move the socket; here it must not move: the socket stays on the checked
+            # address (peername) and only the label that reuse matches on goes back to the name.
+            object.__setattr__(data.server, "address", name)
 
     @guarded("responseheaders")
     async def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -205,6 +262,7 @@ class KeylessAddon:
             # the guard, which cuts a streamed response and replaces a buffered one.
             self._scan_body(flow, ex)
             flow.response.headers[DECISION_HEADER] = ex.decision_id
+            self.pipeline.note_upstream(ex, flow.server_conn.peername if flow.server_conn else None)
             self._audit(ex, flow.response.status_code)
 
     def _scan_headers(self, flow: http.HTTPFlow, ex: Exchange) -> None:
@@ -267,6 +325,7 @@ class KeylessAddon:
         if flow.error is not None:
             # Not a refusal: the request was allowed but the client or the upstream went away.
             self.pipeline.fail(ex, flow.error.msg)
+        self.pipeline.note_upstream(ex, flow.server_conn.peername if flow.server_conn else None)
         self._audit(ex, flow.response.status_code if flow.response else None)
 
     @guarded("tcp_start")

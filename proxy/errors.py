@@ -18,6 +18,7 @@ STATUS: Final[dict[str, int]] = {
     # text body it cannot scan for a reflected credential (unknown or corrupt Content-Encoding).
     "response_too_large": 502,
     "response_unscannable": 502,
+    "upstream_unreachable": 502,
     "policy_unavailable": 503,
     "credential_unavailable": 503,
 }

@@ -1,6 +1,7 @@
 """The request path in security order, written once, as plain functions over typed values.
 
-    destination  the canonical target; in transparent mode the name behind the dialled address
+    destination  the canonical Target (proxy.authority); in transparent mode the name behind the
+                 dialled address
     attest       every trust provider, combined into one Identity
     authority    CONNECT authority == TLS SNI == Host header == absolute-form target, else 421
     path         no dot-segments that a server would normalise past a path-prefix grant
@@ -29,10 +30,10 @@ from cryptography import x509
 
 from proxy.audit import AuditSink
 from proxy.audit.event import AuditEvent, Outcome, RequestRecord
-from proxy.broker import check_authority
+from proxy.authority import Target, check_authority, cut, target
 from proxy.config import Config
 from proxy.credentials import CREDENTIALS, CredentialProvider, Runtime
-from proxy.egress import Egress
+from proxy.egress import Egress, Pin, describe_peer
 from proxy.errors import ConfigError, KeylessError
 from proxy.model import ANONYMOUS, Attestation, Decision, Grant, GrantContext, Identity, OutboundRequest, Source
 from proxy.paths import check_path
@@ -94,6 +95,8 @@ class Exchange:
     stripped: tuple[str, ...] = ()
     error: KeylessError | None = None
     failure: str | None = None
+    # The canonical destination the decision is for: the upstream is dialled at and told it.
+    target: Target | None = None
     # Strip and inject have run: the request may leave (and must not be injected twice).
     forwarded: bool = False
     # What proxy.redact removed from the response (ResponseScan.as_audit()); None when no
@@ -135,10 +138,11 @@ class Pipeline:
         self.posture: Callable[[str | None], dict[str, Any]] | None = None
         # Per client connection: the CONNECT authority its tunnel was opened for; what that
         # CONNECT's Proxy-Authorization proved (inside the tunnel nothing is re-presented); and
-        # the upstream (host, port) pairs an allowed request asked for (nothing else is dialled).
-        self._tunnels: dict[str, tuple[str, int]] = {}
+        # the upstream (host, port) pairs an allowed request asked for, each with the checked
+        # addresses it resolved to (nothing else is dialled, and never by name).
+        self._tunnels: dict[str, Target] = {}
         self._carried: dict[str, tuple[Attestation, ...]] = {}
-        self._allowed: dict[str, set[tuple[str, int]]] = {}
+        self._allowed: dict[str, dict[tuple[str, int], Pin]] = {}
         # Decision ids of requests not yet audited: what a SIGTERM drain waits for.
         self.inflight: set[str] = set()
 
@@ -166,33 +170,40 @@ class Pipeline:
         return ex
 
     async def open_tunnel(self, ex: Exchange, conn: Connection, host: str, port: int,
-                          proxy_authorization: Sequence[str]) -> None:
+                          proxy_authorization: Sequence[str]) -> Target:
         """A CONNECT: attest once (inside the tunnel no Proxy-Authorization is sent again).
 
         Only a CONNECT that succeeds opens a tunnel: a refused one leaves the connection usable
-        for plain proxy requests, with nothing carried.
+        for plain proxy requests, with nothing carried. Returns the canonical tunnel target,
+        which the caller must make the address mitmproxy dials.
         """
-        ex.request = RequestRecord("CONNECT", "", host, port, "")
+        ex.request = RequestRecord("CONNECT", "", cut(host), port, "")
+        tunnel = target(host, port)
+        ex.request = RequestRecord("CONNECT", "", tunnel.host, port, "")
         if proxy_authorization:
             identity = await self.attest(self._caller(conn, proxy_authorization))
             self._carried[conn.id] = identity.attestations
-        self._tunnels[conn.id] = (host, port)
+        self._tunnels[conn.id] = tunnel
         # An open tunnel has no record of its own: each request inside it gets one.
         self.inflight.discard(ex.decision_id)
+        return tunnel
 
     async def decide(self, ex: Exchange, conn: Connection, view: RequestView) -> Decision:
         """Everything up to and including the decision; raises KeylessError to refuse."""
-        # destination
-        host = view.host
-        ex.request = RequestRecord(view.method, view.scheme, host, view.port, view.path.split("?", 1)[0])
+        # destination: the raw host (cut short) is recorded until it is known to parse
+        path = view.path.split("?", 1)[0]
+        ex.request = RequestRecord(view.method, view.scheme, cut(view.host), view.port, path)
+        dest = target(view.host, view.port)
+        host = dest.host
+        ex.request = RequestRecord(view.method, view.scheme, host, view.port, path)
         destination: dict[str, Any] | None = None
         if self.transparent:
             # view.host is the original destination address; the policy sees the name.
             destination = {"address": view.host, "port": view.port}
             host = await self.egress.transparent_host(
                 dst=(view.host, view.port), tls=conn.tls, sni=conn.sni, host_header=view.host_header)
-            ex.request = RequestRecord(view.method, view.scheme, host, view.port, ex.request.path,
-                                       destination=destination)
+            dest = target(host, view.port)
+            ex.request = RequestRecord(view.method, view.scheme, host, view.port, path, destination=destination)
         # attest
         ex.identity = await self.attest(self._caller(conn, view.proxy_authorization))
         # TRACE echoes the request, credential included: refused (egress.trace) before the
@@ -201,9 +212,10 @@ class Pipeline:
         if trace is not None:
             raise trace
         # authority
-        check_authority(scheme=view.scheme, host=host, port=view.port, host_header=view.host_header,
+        check_authority(scheme=view.scheme, target=dest, host_header=view.host_header,
                         connect=self._tunnels.get(conn.id), tls=conn.tls, sni=conn.sni,
                         authority=view.authority)
+        ex.target = dest
         # path
         check_path(view.path)
         # input
@@ -245,6 +257,10 @@ class Pipeline:
         self.egress.check_injection(
             credential=decision.credential, scheme=request.scheme, host=name, port=request.port,
             transparent_tls_without_sni=self.transparent and conn.tls and not conn.sni)
+        # Resolve once, check every answer (refused networks, Keyless itself): the upstream
+        # connection dials this pin. Before inject, so no credential is minted for a refusal.
+        pins = self._allowed.setdefault(conn.id, {})
+        pin = await self.egress.pin_for((request.host, request.port), pins)
         ex.stripped = tuple(strip_credentials(request, self.config.strip))
         if decision.credential is not None and injects(request.method):
             # (Never on TRACE, whatever the decision names: egress.trace forward_bare.)
@@ -254,14 +270,19 @@ class Pipeline:
             ctx = GrantContext(ex.identity, decision, request.scheme, name, request.port)
             ex.grant = await provider.apply(request, ctx)
         ex.forwarded = True
-        self._allowed.setdefault(conn.id, set()).add(Egress.allow_key(request.host, request.port))
+        pins[Egress.allow_key(request.host, request.port)] = pin
 
-    async def check_upstream(self, conn_id: str, address: tuple[str, int] | None) -> None:
-        """``server_connect``: may this upstream connection be opened? Raises KeylessError if not."""
-        self.egress.check_connect(address, self._allowed.get(conn_id, set()))
-        if address is None:
-            raise KeylessError("forbidden", "upstream connection without a destination")
-        await self.egress.check_addresses(address)
+    def check_upstream(self, conn_id: str, address: tuple[str, int] | None) -> Pin:
+        """``server_connect``: the checked addresses this connection may dial (a request allowed
+        on the same client connection pinned them); raises KeylessError for anything else."""
+        return self.egress.dial_target(address, self._allowed.get(conn_id, {}))
+
+    def note_upstream(self, ex: Exchange, peername: tuple[str, int] | None) -> None:
+        """Record the address really dialled (a refused request was forwarded nowhere)."""
+        peer = describe_peer(peername)
+        if peer is not None and ex.error is None:
+            r = ex.request
+            ex.request = RequestRecord(r.method, r.scheme, r.host, r.port, r.path, r.destination, r.upstream, peer)
 
     def refuse(self, ex: Exchange, error: KeylessError) -> None:
         ex.error = error
@@ -343,7 +364,7 @@ def outcome(ex: Exchange, status: int | None) -> Outcome:
 
 
 def _with_upstream(r: RequestRecord, upstream: str) -> RequestRecord:
-    return RequestRecord(r.method, r.scheme, r.host, r.port, r.path, r.destination, upstream)
+    return RequestRecord(r.method, r.scheme, r.host, r.port, r.path, r.destination, upstream, r.upstream_address)
 
 
 def _time_ns(iso: str) -> int:

@@ -27,6 +27,8 @@ class RequestRecord:
     # Transparent mode: the address the app dialled. TLS origination: where it really went.
     destination: dict[str, Any] | None = None
     upstream: str | None = None
+    # The address Keyless really dialled ({address, port}): the pinned, checked one.
+    upstream_address: dict[str, Any] | None = None
 
     def as_record(self) -> dict[str, Any]:
         out: dict[str, Any] = {"method": self.method, "scheme": self.scheme, "host": self.host,
@@ -35,6 +37,8 @@ class RequestRecord:
             out["destination"] = self.destination
         if self.upstream is not None:
             out["upstream"] = self.upstream
+        if self.upstream_address is not None:
+            out["upstream_address"] = self.upstream_address
         return out
 
 

@@ -52,8 +52,11 @@ class ExplodingCredential:
         raise ZeroDivisionError
 
 
-async def failing_resolver(host: str, port: int) -> list[str]:
-    raise RuntimeError("resolver bug")
+async def resolver(host: str, port: int) -> list[str]:
+    """A resolver with a bug for one name and a metadata answer for another."""
+    if host == "boom.example":
+        raise RuntimeError("resolver bug")
+    return ["169.254.169.254"] if host == "meta.example" else ["127.0.0.1"]
 
 
 class Rig:
@@ -66,13 +69,13 @@ class Rig:
             # "signed" needs the whole body before it runs (SigV4), so it runs in the request hook.
             "credentials": {"signed": {"type": "aws_sigv4", "endpoints": [{"host": "s3.example", "service": "s3"}]}},
             "audit": {"path": str(tmp / "audit.log")},
-            "egress": {"allow_cleartext": [{"host": "api.example"}]},
+            "egress": {"allow_cleartext": [{"host": "api.example"}, {"host": "boom.example"}]},
         }
         config = parse_config(raw, tmp / "keyless.yaml")
         prep = prepare(config)
         self.audit_path = tmp / "audit.log"
         credentials = {**prep.credentials, "broken": ExplodingCredential(), "signed": ExplodingCredential()}
-        egress = Egress(config.egress, [("127.0.0.1", 18080)], resolve=failing_resolver)
+        egress = Egress(config.egress, [("127.0.0.1", 18080)], resolve=resolver)
         self.pipeline = Pipeline(config, prep.engine, prep.signer, JsonLinesSink(str(self.audit_path)),
                                  [*prep.trust, ExplodingTrust()], credentials, egress)  # type: ignore[list-item]
         self.addon = KeylessAddon(self.pipeline)
@@ -99,10 +102,9 @@ def plain_flow() -> http.HTTPFlow:
     return f
 
 
-def flow(path: str = "/open/x", method: str = "GET", **headers: str) -> http.HTTPFlow:
+def flow(path: str = "/open/x", method: str = "GET", host: str = "api.example", **headers: str) -> http.HTTPFlow:
     f = plain_flow()
-    f.request = http.Request.make(method, f"http://api.example:8000{path}", b"{}", {"Host": "api.example:8000",
-                                                                                     **headers})
+    f.request = http.Request.make(method, f"http://{host}:8000{path}", b"{}", {"Host": f"{host}:8000", **headers})
     return f
 
 
@@ -186,14 +188,28 @@ def test_denied_request_is_refused_once(rig: Rig) -> None:
     assert_refused(rig, f, 403, "forbidden")
 
 
-def test_fault_in_server_connect_aborts_the_connection(rig: Rig) -> None:
+def test_fault_in_the_resolver_refuses_before_injecting(rig: Rig) -> None:
+    f = flow("/cred/broken/x", host="boom.example")
+    rig.run(rig.addon.requestheaders, f)
+    assert_refused(rig, f, 500, "internal_error")
+    assert "authorization" not in f.request.headers
+
+
+def test_a_refused_address_is_refused_before_injecting(rig: Rig) -> None:
+    f = flow("/cred/broken/x", host="meta.example")
+    rig.run(rig.addon.requestheaders, f)
+    assert_refused(rig, f, 403, "forbidden")
+    assert "authorization" not in f.request.headers
+
+
+def test_server_connect_dials_only_the_pin(rig: Rig) -> None:
     f = flow()
     rig.run(rig.addon.requestheaders, f)
     server = f.server_conn
-    server.address = ("api.example", 8000)
+    server.address, server.tls = ("api.example", 8000), False
     data = server_hooks.ServerConnectionHookData(server=server, client=f.client_conn)
     asyncio.run(rig.addon.server_connect(data))
-    assert data.server.error and "internal error" in data.server.error
+    assert data.server.error is None and data.server.address[0].endswith(".invalid")
 
 
 def test_upstream_not_asked_for_is_not_dialled(rig: Rig) -> None:

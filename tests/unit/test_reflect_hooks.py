@@ -19,11 +19,16 @@ from mitmproxy.test import tflow
 from proxy.addon import DECISION_HEADER, KeylessAddon
 from proxy.audit import JsonLinesSink
 from proxy.config import parse_config
+from proxy.egress import Egress
 from proxy.pipeline import Pipeline
 from proxy.server import prepare
 from tests.harness import REPO
 
 SECRET = "canary-hook-secret-0123456789"
+
+
+async def loopback(host: str, port: int) -> list[str]:
+    return ["127.0.0.1"]
 
 
 class Rig:
@@ -41,8 +46,10 @@ class Rig:
         config = parse_config(raw, tmp / "keyless.yaml")
         prep = prepare(config)
         self.audit_path = tmp / "audit.log"
+        # Nothing is dialled here; the destination check still resolves the name.
+        egress = Egress(config.egress, [("127.0.0.1", 18080)], resolve=loopback)
         self.addon = KeylessAddon(Pipeline(config, prep.engine, prep.signer, JsonLinesSink(str(self.audit_path)),
-                                           prep.trust, prep.credentials))
+                                           prep.trust, prep.credentials, egress))
 
     def records(self) -> list[dict[str, Any]]:
         if not self.audit_path.exists():
