@@ -1,4 +1,5 @@
-"""proxy.redact and proxy.reflect without a proxy: patterns, headers, bodies, streams, decoders."""
+"""proxy.redact, proxy.reflect and proxy.decoding without a proxy: patterns, headers, bodies, streams,
+decoders."""
 
 from __future__ import annotations
 
@@ -12,13 +13,12 @@ import brotli
 import pytest
 
 from proxy.credentials.aws_sigv4 import sigv4_forms
+from proxy.decoding import DecodeError, decoder_for
 from proxy.model import Grant
 from proxy.redact import MARKER, MIN_FORM_BYTES, Redactor, StreamRedactor, header_forms, patterns, redact_headers
 from proxy.reflect import (
     BodyStream,
-    DecodeError,
     ResponseLimits,
-    decoder_for,
     injects,
     is_text,
     plan_body,
