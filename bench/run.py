@@ -208,6 +208,11 @@ TARGETS: list[Target] = [
            note="policy.engine: opa against tests/opa_standin.py (a stand-in for OPA, regopy over REST), "
                 "decision not cached: one REST call per request"),
     Target("keyless-static-2w", "keyless", config=_workers(2), note="keyless-static with listen.workers: 2"),
+    # A ~4 KiB JSON answer: with the rows above, what scanning a response body for a reflected
+    # credential (docs/reflection.md) costs on top of carrying it.
+    Target("mitm-bare-4k", "bare", path="/v1/json4k", note="mitm-bare, upstream answers ~4 KiB of JSON"),
+    Target("keyless-static-4k", "keyless", path="/v1/json4k", config=_static,
+           note="keyless-static, upstream answers ~4 KiB of JSON, scanned for the injected key"),
 ]
 
 

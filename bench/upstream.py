@@ -19,6 +19,11 @@ import sys
 BODY = b'{"ok":true}'
 RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
             + str(len(BODY)).encode() + b"\r\n\r\n" + BODY)
+# Paths under /v1/json4k get a ~4 KiB JSON body: what Keyless scans for a reflected credential.
+BODY_4K = (b'{"items":[' + b",".join(b'{"id":%d,"name":"item-%d","tags":["a","b"]}' % (i, i) for i in range(95))
+           + b"]}")
+RESPONSE_4K = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+               + str(len(BODY_4K)).encode() + b"\r\n\r\n" + BODY_4K)
 
 
 class Http11(asyncio.Protocol):
@@ -48,8 +53,9 @@ class Http11(asyncio.Protocol):
             total = end + 4 + length
             if len(self.buf) < total:
                 break
+            target = head.split(b" ", 2)[1] if head.count(b" ") >= 2 else b""
             self.buf = self.buf[total:]
-            out.append(RESPONSE)
+            out.append(RESPONSE_4K if b"/v1/json4k" in target else RESPONSE)
         if out and self.transport is not None:
             self.transport.write(b"".join(out))
 

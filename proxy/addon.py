@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from mitmproxy import connection as mconnection
 from mitmproxy import flow as mflow
 from mitmproxy import http, tcp, tls
+from mitmproxy.net.http.http1 import expected_http_body_size
 from mitmproxy.proxy import server_hooks
 
 from proxy import answers
@@ -29,12 +30,15 @@ from proxy.audit.event import RequestRecord
 from proxy.authority import Target, cut
 from proxy.errors import KeylessError
 from proxy.pipeline import Connection, Exchange, Pipeline, RequestView
+from proxy.reflect import RefusalStream, ResponseLimits, ResponseScan, finish_response, prepare_response
 from proxy.selfcheck import answer as self_check_answer
 from proxy.selfcheck import is_self_check
 
 log = logging.getLogger("keyless")
 
 _STATE = "keyless"
+# Per-flow response state (proxy.reflect): what the scan found; a refusal streamed in place.
+_SCAN, _REFUSAL = "keyless.scan", "keyless.refusal"
 DECISION_HEADER = answers.DECISION_HEADER
 
 F = TypeVar("F", bound=mflow.Flow)
@@ -119,6 +123,8 @@ def guarded(where: str) -> Callable[[Callable[[KeylessAddon, F], Awaitable[None]
 class KeylessAddon:
     def __init__(self, pipeline: Pipeline) -> None:
         self.pipeline = pipeline
+        listen = pipeline.config.listen
+        self.limits = ResponseLimits.parse(listen.redact_max_body, listen.max_response_body)
         # While a server connection dials: the name it was opened for, and its reserved dial name.
         self._dialling: weakref.WeakKeyDictionary[Any, tuple[tuple[str, int], str]] = weakref.WeakKeyDictionary()
         # Why an upstream connection failed, per client connection and upstream (host, port):
@@ -147,7 +153,11 @@ class KeylessAddon:
             ex = self._exchange(flow)
             self.pipeline.refuse(ex, error)
             status: int | None = error.status
-            if isinstance(flow, http.HTTPFlow) and not (flow.response is not None and flow.response.stream):
+            if isinstance(flow, http.HTTPFlow) and flow.response is not None and flow.response.timestamp_end is None:
+                # responseheaders: the upstream head is in, its body not yet read. A refusal set
+                # plainly would be filled with that body when mitmproxy reads it: stream it.
+                self._refuse_response(flow, ex, error)
+            elif isinstance(flow, http.HTTPFlow) and not (flow.response is not None and flow.response.stream):
                 flow.response = refusal(error, ex.decision_id)
             else:
                 # A streamed response already has its head on the wire, and a raw TCP flow has
@@ -263,15 +273,77 @@ class KeylessAddon:
     async def responseheaders(self, flow: http.HTTPFlow) -> None:
         ex = self._exchange(flow)
         if flow.response is not None:
+            if not ex.refused:
+                try:
+                    self._scan_headers(flow, ex)
+                except KeylessError as e:
+                    self._refuse_response(flow, ex, e)
+                except Exception as e:  # noqa: BLE001 - never hand on an unscanned response
+                    self._refuse_response(flow, ex, internal("responseheaders", e))
             flow.response.headers[DECISION_HEADER] = ex.decision_id
 
     @guarded("response")
     async def response(self, flow: http.HTTPFlow) -> None:
         ex = self._exchange(flow)
         if flow.response is not None:
+            # A KeylessError here (a streamed body that overflowed or would not decode) reaches
+            # the guard, which cuts a streamed response and replaces a buffered one.
+            self._scan_body(flow, ex)
             flow.response.headers[DECISION_HEADER] = ex.decision_id
             self.pipeline.note_upstream(ex, flow.server_conn.peername if flow.server_conn else None)
             self._audit(ex, flow.response.status_code)
+
+    def _scan_headers(self, flow: http.HTTPFlow, ex: Exchange) -> None:
+        """Redact the response headers and choose how its body is handled (proxy.reflect)."""
+        resp = flow.response
+        if resp is None:
+            return
+        try:
+            expected = expected_http_body_size(flow.request, resp)
+        except ValueError:
+            expected = None
+        p = prepare_response(ex.grant.secret_forms if ex.grant is not None else (), list(resp.headers.fields),
+                             expected=expected, client_http11=flow.request.http_version == "HTTP/1.1",
+                             limits=self.limits)
+        resp.headers.fields = tuple(p.fields)
+        resp.stream = p.stream
+        flow.metadata[_SCAN] = p.scan
+        if p.scan is not None:
+            # Already true of the headers; a flow that dies mid-body is audited with it.
+            ex.reflected = p.scan.as_audit()
+
+    def _scan_body(self, flow: http.HTTPFlow, ex: Exchange) -> None:
+        resp = flow.response
+        if resp is None:
+            return
+        refusing: RefusalStream | None = flow.metadata.get(_REFUSAL)
+        if refusing is not None:
+            if not refusing.sent and ex.error is not None:
+                # The upstream sent no body, so the streamed refusal never went out.
+                flow.response = refusal(ex.error, ex.decision_id)
+            return
+        scan: ResponseScan | None = flow.metadata.get(_SCAN)
+        done = finish_response(scan, resp.stream, trailers=list(resp.trailers.fields) if resp.trailers else None,
+                               raw=resp.raw_content, content_encoding=resp.headers.get("content-encoding"),
+                               limits=self.limits)
+        if scan is not None:
+            ex.reflected = scan.as_audit()
+        if done.trailers is not None and resp.trailers is not None:
+            resp.trailers.fields = tuple(done.trailers)
+        if done.body is not None:
+            resp.headers.pop("content-encoding", None)
+            resp.set_content(done.body)
+
+    def _refuse_response(self, flow: http.HTTPFlow, ex: Exchange, error: KeylessError) -> None:
+        """Answer with a refusal instead of the upstream response whose headers just arrived.
+
+        Not ``refuse``: a response set here would be filled with the upstream body that
+        mitmproxy reads next. The refusal streams out with the first body chunk instead and the
+        rest of the upstream body is discarded, never kept; ``response`` writes the record."""
+        self.pipeline.refuse(ex, error)
+        answer = refusal(error, ex.decision_id)
+        flow.metadata[_REFUSAL] = answer.stream = RefusalStream(answer.raw_content or b"")
+        flow.response = answer
 
     @guarded("error")
     async def error(self, flow: http.HTTPFlow) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +70,11 @@ class ListenConfig:
     # Request bodies larger than this (bytes) are refused with 413 body_too_large, by Keyless
     # itself, buffered or streamed. Responses are not limited here.
     max_request_body: int = 64 << 20
+    # Text responses up to this size are buffered and scanned whole for a reflected credential;
+    # longer ones are scanned as they stream (proxy/reflect.py).
+    redact_max_body: str = "4m"
+    # Responses over this size are refused (502 response_too_large); None: no limit.
+    max_response_body: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,7 +212,13 @@ def parse_config(raw: Any, source: Path) -> Config:
         drain_seconds=s.number("drain_seconds", 10.0),
         workers=s.integer("workers", 1, lo=1, hi=64),
         max_request_body=_request_body_limit(s),
+        redact_max_body=s.text("redact_max_body", "4m"),
+        max_response_body=s.text("max_response_body", None),
     )
+    for key in ("redact_max_body", "max_response_body"):
+        value = getattr(listen, key)
+        if value is not None and not re.fullmatch(r"[1-9][0-9]*[kmg]?", value):
+            s.error("must be a size such as 512k, 64m or 1g", key)
     if listen.workers > 1 and listen.mode == "transparent":
         s.error("workers > 1 is supported in regular mode only (transparent listeners cannot share the port)",
                 "workers")

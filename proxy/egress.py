@@ -236,6 +236,8 @@ class EgressConfig:
     tls_origination: tuple[Origination, ...] = ()
     allow_cleartext: tuple[CleartextAllowance, ...] = ()
     refused_networks: tuple[Network, ...] = DEFAULT_REFUSED_NETWORKS
+    # TRACE echoes the request: "refuse" (403) or "forward_bare" (decided, never a credential).
+    trace: str = "refuse"
 
 
 def parse(s: Section) -> EgressConfig:
@@ -269,7 +271,8 @@ def parse(s: Section) -> EgressConfig:
             net = s.cidr(cidr, f"{key}[{i}]")
             if net is not None:
                 networks.append(net)
-    return EgressConfig(tuple(ports), tuple(orig), tuple(allow), tuple(networks))
+    trace = s.choice("trace", ("refuse", "forward_bare"), "refuse")
+    return EgressConfig(tuple(ports), tuple(orig), tuple(allow), tuple(networks), trace)
 
 
 def _items(s: Section, key: str) -> list[object]:

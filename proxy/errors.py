@@ -15,6 +15,10 @@ STATUS: Final[dict[str, int]] = {
     "body_too_large": 413,
     "misdirected_request": 421,
     "internal_error": 500,
+    # An upstream answer Keyless will not hand on: larger than listen.max_response_body, or a
+    # text body it cannot scan for a reflected credential (unknown or corrupt Content-Encoding).
+    "response_too_large": 502,
+    "response_unscannable": 502,
     # The upstream could not be reached or failed; see proxy/answers.py.
     "upstream_unreachable": 502,
     "upstream_dns_failed": 502,

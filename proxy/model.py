@@ -75,6 +75,10 @@ class Grant:
     type: str
     expires_at: float | None
     fingerprint: str
+    # The strings this grant put on the wire (whole header value, bare token, Basic pair,
+    # SigV4 signature and session token): what ``proxy.redact`` removes from responses. Never
+    # in repr(), comparisons or ``as_audit()``.
+    secret_forms: tuple[str, ...] = field(default=(), repr=False, compare=False)
 
     def as_audit(self) -> dict[str, Any]:
         return {

@@ -41,6 +41,7 @@ from proxy.model import ANONYMOUS, Attestation, Decision, Grant, GrantContext, I
 from proxy.paths import check_path
 from proxy.policy import PolicyEngine, PolicyUnavailable
 from proxy.policy.input import build_input
+from proxy.reflect import injects, trace_refusal
 from proxy.signing import Signer
 from proxy.strip import strip_credentials
 from proxy.trust import TRUST_PROVIDERS, Caller, TrustProvider
@@ -102,6 +103,9 @@ class Exchange:
     target: Target | None = None
     # Strip and inject have run: the request may leave (and must not be injected twice).
     forwarded: bool = False
+    # What proxy.redact removed from the response (ResponseScan.as_audit()); None when no
+    # credential was injected, so nothing could be reflected.
+    reflected: dict[str, Any] | None = None
     audited: bool = False
 
     @property
@@ -212,6 +216,11 @@ class Pipeline:
             ex.request = RequestRecord(view.method, view.scheme, host, view.port, path, destination=destination)
         # attest
         ex.identity = await self.attest(self._caller(conn, view.proxy_authorization))
+        # TRACE echoes the request, credential included: refused (egress.trace) before the
+        # policy is asked, so no policy can allow it.
+        trace = trace_refusal(view.method, self.config.egress.trace)
+        if trace is not None:
+            raise trace
         # authority
         check_authority(scheme=view.scheme, target=dest, host_header=view.host_header,
                         connect=self._tunnels.get(conn.id), tls=conn.tls, sni=conn.sni,
@@ -267,7 +276,8 @@ class Pipeline:
         pins = self._allowed.setdefault(conn.id, {})
         pin = await self.egress.pin_for((request.host, request.port), pins)
         ex.stripped = tuple(strip_credentials(request, self.config.strip))
-        if decision.credential is not None:
+        if decision.credential is not None and injects(request.method):
+            # (Never on TRACE, whatever the decision names: egress.trace forward_bare.)
             provider = self.credentials[decision.credential]
             # In transparent mode request.host is the dialled address; credentials are minted
             # for the name the policy decided on.
@@ -349,7 +359,7 @@ class Pipeline:
         return AuditEvent(
             decision_id=ex.decision_id, time=ex.time, source=ex.source, identity=ex.identity,
             request=ex.request, decision=ex.decision, policy=self.engine.query,
-            engine_revision=self.engine.revision, grant=ex.grant, stripped=ex.stripped,
+            engine_revision=self.engine.revision, grant=ex.grant, stripped=ex.stripped, reflected=ex.reflected,
             outcome=outcome(ex, status), latency_ms=round((time.perf_counter() - ex.started) * 1000, 3),
         )
 

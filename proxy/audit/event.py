@@ -80,6 +80,8 @@ class AuditEvent:
     outcome: Outcome
     latency_ms: float
     stripped: tuple[str, ...] = ()
+    # What was removed from the response because it echoed the credential (docs/reflection.md).
+    reflected: dict[str, Any] | None = None
 
     @property
     def revision(self) -> str:
@@ -102,6 +104,7 @@ class AuditEvent:
             "policy_revision": self.revision,
             "credential": None if self.grant is None else self.grant.as_audit(),
             "stripped": list(self.stripped),
+            "reflected": self.reflected,
             "outcome": self.outcome.as_record(),
             "latency_ms": self.latency_ms,
         }

@@ -23,6 +23,7 @@ import hashlib
 import re
 import time
 import xml.etree.ElementTree as ET  # noqa: S405 - the STS endpoint is configured and TLS-verified
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -205,7 +206,7 @@ class AwsSigV4Credential:
         payload = self._payload(request, endpoint)
         token = await self.cache.get((subject, role))
         sign_request(request, endpoint, token.data, payload)
-        return Grant(self.name, self.type, token.expires_at, fingerprint(token.value))
+        return Grant(self.name, self.type, token.expires_at, fingerprint(token.value), sigv4_forms(request.headers))
 
     def _payload(self, request: OutboundRequest, endpoint: Endpoint) -> str:
         claimed = request.headers.get("x-amz-content-sha256", "")
@@ -223,6 +224,16 @@ class AwsSigV4Credential:
             # ends up covered by the signature, which the app's unsigned upload never was.
             body = dechunk(request, body)
         return hashlib.sha256(body).hexdigest()
+
+
+def sigv4_forms(headers: Mapping[str, str]) -> tuple[str, ...]:
+    """What signing put on the wire that an echo must not hand the app: the whole
+    Authorization value, its Signature and the session token (the secret key never leaves)."""
+    lower = {k.lower(): v for k, v in headers.items()}
+    auth = lower.get("authorization", "")
+    signature = auth.rpartition("Signature=")[2] if "Signature=" in auth else ""
+    forms = (auth, signature, lower.get("x-amz-security-token", ""))
+    return tuple(f for f in forms if f)
 
 
 def dechunk(request: OutboundRequest, body: bytes) -> bytes:

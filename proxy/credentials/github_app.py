@@ -27,6 +27,7 @@ from proxy.credentials.http import endpoint_url, request_json
 from proxy.credentials.static import SecretError, check_secret
 from proxy.errors import ConfigError, KeylessError
 from proxy.model import Grant, GrantContext, OutboundRequest, fingerprint
+from proxy.redact import header_forms
 
 PERMISSION_LEVELS = ("read", "write", "admin")
 Key = tuple[int, tuple[str, ...], tuple[tuple[str, str], ...]]
@@ -139,5 +140,6 @@ class GitHubAppCredential:
 
     async def apply(self, request: OutboundRequest, ctx: GrantContext) -> Grant:
         token = await self.cache.get(self.key_for(ctx))
-        request.headers[self.options.header] = render(self.options.template, token.value)
-        return Grant(self.name, self.type, token.expires_at, fingerprint(token.value))
+        header = request.headers[self.options.header] = render(self.options.template, token.value)
+        return Grant(self.name, self.type, token.expires_at, fingerprint(token.value),
+                     header_forms(header, token.value))

@@ -14,6 +14,7 @@ from proxy.confread import Section
 from proxy.credentials import Runtime, header_template, render
 from proxy.errors import KeylessError
 from proxy.model import Grant, GrantContext, OutboundRequest, fingerprint
+from proxy.redact import header_forms
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,5 +73,6 @@ class JwtCredential:
             raise KeylessError("credential_unavailable", "params.audience must be a string",
                                f"jwt({self.name})")
         token, exp = self.token_for(subject, audience)
-        request.headers[self.options.header] = render(self.options.template, token)
-        return Grant(self.name, self.type, exp, fingerprint(token))
+        header = request.headers[self.options.header] = render(self.options.template, token)
+        return Grant(self.name, self.type, exp, fingerprint(token),
+                     header_forms(header, token))

@@ -25,6 +25,7 @@ from proxy.credentials.http import endpoint_url, request_json
 from proxy.credentials.static import SecretError, check_secret, env_missing
 from proxy.errors import ConfigError, KeylessError
 from proxy.model import Grant, GrantContext, OutboundRequest, fingerprint
+from proxy.redact import header_forms
 
 AUTH_METHODS = ("client_secret_basic", "client_secret_post", "private_key_jwt")
 
@@ -254,5 +255,6 @@ class OAuth2Credential:
 
     async def apply(self, request: OutboundRequest, ctx: GrantContext) -> Grant:
         token = await self.cache.get(self.key_for(ctx))
-        request.headers[self.options.header] = render(self.options.template, token.value)
-        return Grant(self.name, self.type, token.expires_at, fingerprint(token.value))
+        header = request.headers[self.options.header] = render(self.options.template, token.value)
+        return Grant(self.name, self.type, token.expires_at, fingerprint(token.value),
+                     header_forms(header, token.value))

@@ -22,6 +22,7 @@ from proxy.credentials.secretstore import (
 )
 from proxy.errors import ConfigError, KeylessError
 from proxy.model import Grant, GrantContext, OutboundRequest, fingerprint
+from proxy.redact import header_forms
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,5 +139,6 @@ class StaticCredential:
         if self._store is not None and self._store.due():
             self._store.refresh_in_background(self._stored)
         value = self._current()
-        request.headers[self.options.header] = render(self.options.template, value)
-        return Grant(self.name, self.type, None, fingerprint(value))
+        header = request.headers[self.options.header] = render(self.options.template, value)
+        return Grant(self.name, self.type, None, fingerprint(value),
+                     header_forms(header, value))

@@ -28,6 +28,7 @@ from proxy.credentials.oauth2 import (
 )
 from proxy.errors import KeylessError
 from proxy.model import Grant, GrantContext, OutboundRequest, fingerprint
+from proxy.redact import header_forms
 
 GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
 JWT_TYPE = "urn:ietf:params:oauth:token-type:jwt"
@@ -123,5 +124,6 @@ class TokenExchangeCredential:
 
     async def apply(self, request: OutboundRequest, ctx: GrantContext) -> Grant:
         token = await self.cache.get(self.key_for(ctx))
-        request.headers[self.options.header] = render(self.options.template, token.value)
-        return Grant(self.name, self.type, token.expires_at, fingerprint(token.value))
+        header = request.headers[self.options.header] = render(self.options.template, token.value)
+        return Grant(self.name, self.type, token.expires_at, fingerprint(token.value),
+                     header_forms(header, token.value))
