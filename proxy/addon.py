@@ -99,7 +99,7 @@ class KeylessAddon:
         self.pipeline = pipeline
 
     @property
-    def inflight(self) -> set[str]:
+    def inflight(self) -> dict[str, Exchange]:
         return self.pipeline.inflight
 
     def _exchange(self, flow: mflow.Flow) -> Exchange:
@@ -208,5 +208,10 @@ class KeylessAddon:
         ex.request = RequestRecord(None, "tcp", server[0] if server else None, server[1] if server else None, None)
         raise KeylessError("bad_request", "non-HTTP traffic is not relayed")
 
+    def client_connected(self, client: Any) -> None:
+        self.pipeline.telemetry.connections.inc()
+        self.pipeline.telemetry.connections_total.inc()
+
     def client_disconnected(self, client: Any) -> None:
+        self.pipeline.telemetry.connections.dec()
         self.pipeline.disconnected(client.id)
