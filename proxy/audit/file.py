@@ -148,8 +148,8 @@ class FileSink:
         from proxy.pipeline import _now_iso
 
         saved = (self.chain.seq, self.chain.head)
-        record = self.chain.checkpoint(self.key, _now_iso(), final)
-        if not self._write_sealed(record):
+        record, line = self.chain.checkpoint(self.key, _now_iso(), final)
+        if not self._write_line(line):
             self.chain.seq, self.chain.head = saved
             return None
         return record
@@ -191,14 +191,13 @@ class FileSink:
     def _write(self, record: dict[str, Any]) -> bool:
         """Seal ``record`` into the chain and write it; on failure undo the seal. True on success."""
         saved = (self.chain.seq, self.chain.head)
-        self.chain.seal(record)
-        if self._write_sealed(record):
+        if self._write_line(self.chain.seal(record)):
             return True
         self.chain.seq, self.chain.head = saved
         return False
 
-    def _write_sealed(self, record: dict[str, Any]) -> bool:
-        data = (_dumps(record) + "\n").encode()
+    def _write_line(self, line: str) -> bool:
+        data = (line + "\n").encode()
         try:
             write_whole(self._fd, data, self._regular)
         except OSError as e:
@@ -256,8 +255,3 @@ def write_whole(fd: int, data: bytes, regular: bool) -> None:
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
 
-
-# One encoder, built once: json.dumps with non-default arguments builds a new one per call.
-import json  # noqa: E402 - kept beside its one use
-
-_dumps = json.JSONEncoder(separators=(",", ":"), default=str).encode

@@ -198,3 +198,34 @@ def test_cli_exit_codes(log: tuple[Path, list[NoteKey]], tmp_path: Path) -> None
     cmd[5] = str(bad)
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 1 and out.stderr.startswith(f"{bad}:4: ") and "deleted" in out.stderr
+
+
+def test_fast_canonical_form_is_rfc8785() -> None:
+    """The C-encoder fast path writes byte for byte what the rfc8785 package writes."""
+    import random
+
+    import rfc8785
+
+    from proxy.audit.chain import _plain, _sorted_dumps
+
+    rng = random.Random(8785)
+
+    def value(depth: int = 0) -> object:
+        c = rng.random()
+        if depth > 3 or c < 0.3:
+            return rng.choice([None, True, False, rng.randint(-2**53 + 1, 2**53 - 1),
+                               rng.random() * 10 ** rng.randint(-3, 15),
+                               "".join(chr(rng.choice([rng.randint(0, 0x7F), rng.randint(0x80, 0xD7FF),
+                                                       rng.randint(0xE000, 0x10FFFF)])) for _ in range(6))])
+        if c < 0.65:
+            return [value(depth + 1) for _ in range(rng.randint(0, 4))]
+        return {"".join(chr(rng.randint(32, 126)) for _ in range(4)): value(depth + 1) for _ in range(3)}
+
+    fast = 0
+    for _ in range(3000):
+        v = {"v": value()}
+        if _plain(v):
+            fast += 1
+            assert _sorted_dumps(v).encode() == rfc8785.dumps(v)
+    assert fast > 2500
+    assert record_hash({"a": 1.0}) == record_hash({"a": 1.0, "hash": "x"})  # 1.0 takes the rfc8785 path
