@@ -210,7 +210,7 @@ async def serve(prep: Prepared, *, reuse_port: bool = False) -> int:
     gc.freeze()
     if policy is not None:
         await policy.start()
-    await sink.start()
+    await sink.start({"version": pipeline.labels.get("version"), "policy_revision": prep.engine.revision})
     ticker = loop.create_task(_tick(sink))
     flushed = False
     try:

@@ -70,7 +70,9 @@ class AuditTrail:
     def status(self) -> dict[str, Any]:
         return {"sinks": [s.status() for s in self.durable] + [o.status() for o in self.others]}
 
-    async def start(self) -> None:
+    async def start(self, meta: dict[str, Any] | None = None) -> None:
+        for sink in self.durable:
+            sink.start(meta or {})
         for other in self.others:
             await other.start()
 

@@ -116,6 +116,9 @@ class DecisionLogSink:
         return self.options.url + self.options.resource
 
     def emit(self, event: AuditEvent) -> None:
+        if event.input is None:
+            # Refused before the policy was asked (attestation, authority): no decision to log.
+            return
         if len(self._buffer) >= self.options.buffer_size_limit_events:
             self._buffer.popleft()
             self.dropped += 1

@@ -83,6 +83,18 @@ class FileSink:
     def emit(self, event: AuditEvent) -> None:
         self.append(event.as_record())
 
+    def start(self, meta: dict[str, Any]) -> None:
+        """The chain's first record: who writes it and how it fails (``audit.on_failure`` is
+        thereby in the log itself, as the one switch that lets credentials leave unaudited)."""
+        from proxy.pipeline import _now_iso
+
+        self.append({"type": "start", "time": _now_iso(), "pid": os.getpid(), "path": self.path,
+                     "on_failure": self.options.on_failure,
+                     "checkpoint_key": self.key.vkey() if self.key is not None else None, **meta})
+        if self.options.on_failure == "continue":
+            log.warning("audit.on_failure is continue: if %s cannot be written, credentialed requests are "
+                        "forwarded without a durable record", self.path)
+
     def accepting(self) -> bool:
         """May a credentialed request be forwarded now? False while the sink cannot write."""
         return self.down_since is None or self.options.on_failure == "continue"
@@ -166,6 +178,16 @@ class FileSink:
         if len(self._spool) < self.options.spool_records:
             self._spool.append(record)
             return
+        if record.get("credential") is not None:
+            # A credential already left: its record displaces the oldest refusal in the spool
+            # (while the sink is down credentialed requests are refused, so the spool holds at
+            # most the ones in flight when it went down, plus refusals).
+            for i, queued in enumerate(self._spool):
+                if queued.get("credential") is None:
+                    del self._spool[i]
+                    self._spool.append(record)
+                    record = queued
+                    break
         # Explicit and counted: the count goes into the chain as a gap record on recovery.
         self.dropped += 1
         self._dropped_pending += 1

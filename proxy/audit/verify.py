@@ -114,10 +114,10 @@ def verify(data: bytes, verifiers: list[Verifier], allow_open: bool = False) -> 
             rep.checkpoints += 1
             rep.signers.add(cp.signer)
             st.signed, st.final = seq, cp.final
-        else:
+        elif kind is None:
             rep.records += 1
-            if kind == "gap":
-                rep.dropped += int(rec.get("dropped") or 0)
+        elif kind == "gap":
+            rep.dropped += int(rec.get("dropped") or 0)
     for chain, st in rep.chains.items():
         if not st.final and not allow_open:
             signed = f"last checkpoint at seq {st.signed}" if st.signed else "no checkpoint at all"

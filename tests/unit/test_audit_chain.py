@@ -229,3 +229,33 @@ def test_fast_canonical_form_is_rfc8785() -> None:
             assert _sorted_dumps(v).encode() == rfc8785.dumps(v)
     assert fast > 2500
     assert record_hash({"a": 1.0}) == record_hash({"a": 1.0, "hash": "x"})  # 1.0 takes the rfc8785 path
+
+
+def test_credentialed_record_displaces_a_refusal_in_a_full_spool(tmp_path: Path) -> None:
+    path = tmp_path / "c.log"
+    sink = FileSink(str(path), FileOptions(str(path), spool_records=2), key())
+    real, sink._fd, sink._regular = sink._fd, os.open("/dev/full", os.O_WRONLY), False
+    sink.append({"n": 1, "credential": None})
+    sink.append({"n": 2, "credential": None})
+    sink.append({"n": 3, "credential": {"name": "key"}})  # forwarded before the sink went down
+    assert [r["n"] for r in sink._spool] == [2, 3] and sink.dropped == 1
+    os.close(sink._fd)
+    sink._fd, sink._regular = real, True
+    assert sink.close()
+    assert [r.get("n") for r in map(json.loads, path.read_text().splitlines()) if "n" in r] == [2, 3]
+
+
+def test_time_based_checkpoint(tmp_path: Path) -> None:
+    now = [0.0]
+    path = tmp_path / "d.log"
+    k = key()
+    sink = FileSink(str(path), FileOptions(str(path), checkpoint_seconds=5), k, clock=lambda: now[0])
+    sink.append({"n": 1})
+    sink.tick()
+    assert sink.checkpoints == 0
+    now[0] = 6.0
+    sink.tick()
+    assert sink.checkpoints == 1
+    sink.tick()
+    assert sink.checkpoints == 1  # nothing new to sign
+    assert sink.close() and verify(path.read_bytes(), [Verifier.parse(k.vkey())]).ok
