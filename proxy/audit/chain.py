@@ -46,21 +46,21 @@ _DASH = "\u2014 "
 def canonical(body: dict[str, Any]) -> str:
     """``body`` as RFC 8785 canonical JSON text.
 
-    Fast path: for values made of ASCII keys, strings, safe integers, booleans, null and floats
-    whose shortest form has a fraction and no exponent (``_plain``), the C JSON encoder with
+    Fast path: for values made of ASCII keys, strings, safe integers, booleans, null and finite
+    floats (``_prep`` turns an integral float such as ``3600.0`` into the integer RFC 8785
+    writes, and refuses a float whose shortest form has an exponent), the C JSON encoder with
     sorted keys and no ASCII escaping writes exactly what RFC 8785 writes (same escapes, same
     member order, same number forms: tests/unit/test_audit_chain.py checks it against the
     ``rfc8785`` package), at a fraction of that pure-Python package's cost. Anything else goes
     to ``rfc8785`` itself, which refuses integers beyond 2**53 and what JSON cannot hold: such a
     record goes through its JSON text, big integers written as decimal strings.
     """
-    if _plain(body):
-        try:
-            text = _sorted_dumps(body)
-            text.encode()
-            return text
-        except UnicodeEncodeError:  # a lone surrogate: RFC 8785 escapes it, the encoder cannot
-            pass
+    try:
+        text = _sorted_dumps(_prep(body))
+        text.encode()
+        return text
+    except (_NotPlain, UnicodeEncodeError):  # a lone surrogate: RFC 8785 escapes it, the encoder cannot
+        pass
     try:
         data = rfc8785.dumps(body)
     except (rfc8785.CanonicalizationError, TypeError):
@@ -78,20 +78,60 @@ _sorted_dumps = json.JSONEncoder(separators=(",", ":"), sort_keys=True, ensure_a
 _SAFE = 2**53 - 1
 
 
-def _plain(value: Any) -> bool:
+class _NotPlain(Exception):
+    pass
+
+
+def _prep(value: Any) -> Any:
+    """``value`` if the C encoder writes it as RFC 8785 does, a copy with integral floats as
+    integers if that is all it takes, else raise _NotPlain. Unchanged containers are not copied.
+    Scalars are checked inline (a call per scalar would cost more than the encoding)."""
+    t = type(value)
+    if t is dict:
+        try:
+            if not "".join(value).isascii():  # also raises TypeError on a non-string key
+                raise _NotPlain
+        except TypeError:
+            raise _NotPlain from None
+        pairs: Any = value.items()
+    elif t is list:
+        pairs = enumerate(value)
+    else:
+        return _scalar(value)
+    copy: Any = None
+    for k, v in pairs:
+        vt = type(v)
+        if vt is str or v is None or vt is bool:
+            continue
+        if vt is int:
+            if -_SAFE <= v <= _SAFE:
+                continue
+            raise _NotPlain
+        p = _prep(v) if vt is dict or vt is list else _scalar(v)
+        if p is not v:
+            if copy is None:
+                copy = dict(value) if t is dict else list(value)
+            copy[k] = p
+    return value if copy is None else copy
+
+
+def _scalar(value: Any) -> Any:
     t = type(value)
     if t is str or t is bool or value is None:
-        return True
-    if t is dict:
-        return all(type(k) is str and k.isascii() and _plain(v) for k, v in value.items())
-    if t is list:
-        return all(_plain(v) for v in value)
+        return value
     if t is int:
-        return bool(-_SAFE <= value <= _SAFE)
-    if t is float:
-        # ES6 Number-to-string and repr() agree on finite, non-integral values in fixed notation.
-        return math.isfinite(value) and not value.is_integer() and "e" not in repr(value)
-    return False
+        if -_SAFE <= value <= _SAFE:
+            return value
+        raise _NotPlain
+    if t is float and math.isfinite(value):
+        if value.is_integer():
+            if -_SAFE <= value <= _SAFE:
+                return int(value)  # RFC 8785 (ES6 Number::toString) writes 3600.0 as 3600
+            raise _NotPlain
+        # ES6 and repr() agree on finite, non-integral values in fixed notation.
+        if "e" not in repr(value):
+            return value
+    raise _NotPlain
 
 
 def _normal(value: Any) -> Any:
