@@ -77,6 +77,7 @@ class FileSink:
         self.failures = 0
         self.dropped = 0
         self.checkpoints = 0
+        self.rollbacks = 0  # partial writes truncated away
 
     # --- the sink interface ---------------------------------------------------------------------
 
@@ -133,7 +134,8 @@ class FileSink:
     def status(self) -> dict[str, Any]:
         return {"path": self.path, "up": self.healthy, "error": self.last_error, "spooled": len(self._spool),
                 "records": self.records, "write_failures": self.failures, "dropped": self.dropped,
-                "checkpoints": self.checkpoints, "chain": self.chain.id, "seq": self.chain.seq}
+                "checkpoints": self.checkpoints, "rollbacks": self.rollbacks,
+                "chain": self.chain.id, "seq": self.chain.seq}
 
     # --- writing --------------------------------------------------------------------------------
 
@@ -234,6 +236,8 @@ class FileSink:
 
     def _went_down(self, e: OSError) -> None:
         self.failures += 1
+        if getattr(e, "rolled_back", 0):
+            self.rollbacks += 1
         code = errno.errorcode.get(e.errno or 0, str(e.errno))
         why = f"{code} ({e.strerror})"
         if self.down_since is None:
@@ -261,18 +265,20 @@ def write_whole(fd: int, data: bytes, regular: bool) -> None:
     fcntl.flock(fd, fcntl.LOCK_EX)
     try:
         start = os.fstat(fd).st_size
+        view = memoryview(data)
         try:
-            view = memoryview(data)
             while view:
                 n = os.write(fd, view)
                 if n == 0:
                     raise OSError(errno.EIO, "write returned 0")
                 view = view[n:]
-        except OSError:
+        except OSError as e:
             try:
                 os.ftruncate(fd, start)
-            except OSError as e:
-                log.error("audit file could not be truncated back to %d: %s", start, e.strerror)
+                # For the sink's count and its once-per-state-change log line.
+                e.rolled_back = len(data) - len(view)  # type: ignore[attr-defined]
+            except OSError as t:
+                log.error("audit file could not be truncated back to %d: %s", start, t.strerror)
             raise
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
