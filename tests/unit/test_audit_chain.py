@@ -263,3 +263,27 @@ def test_time_based_checkpoint(tmp_path: Path) -> None:
     sink.tick()
     assert sink.checkpoints == 1  # nothing new to sign
     assert sink.close() and verify(path.read_bytes(), [Verifier.parse(k.vkey())]).ok
+
+
+def test_on_failure_continue_keeps_accepting(tmp_path: Path) -> None:
+    path = tmp_path / "e.log"
+    sink = FileSink(str(path), FileOptions(str(path), on_failure="continue"), key())
+    real, sink._fd, sink._regular = sink._fd, os.open("/dev/full", os.O_WRONLY), False
+    sink.append({"n": 1})
+    assert not sink.healthy and sink.accepting()
+    os.close(sink._fd)
+    sink._fd, sink._regular = real, True
+    assert sink.close()
+
+
+def test_dependency_failure_and_recovery_are_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    from proxy.telemetry import Telemetry
+
+    t = Telemetry()
+    with caplog.at_level("WARNING", logger="keyless"):
+        for _ in range(3):
+            t.health("policy engine", "opa_unreachable: connection refused")
+        for _ in range(3):
+            t.health("policy engine", None)
+    assert [r.getMessage() for r in caplog.records] == [
+        "policy engine is failing: opa_unreachable: connection refused", "policy engine recovered"]
