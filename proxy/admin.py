@@ -25,6 +25,7 @@ def make_admin_app(signer: Signer, ca_cert: Path, ready: Callable[[], bool],
             extra["audit"] = audit_status()
         if ready():
             return web.json_response({"status": "ready", **extra})
+        # Starting, draining, or the audit trail cannot be written (extra["audit"] says which).
         return web.json_response({"status": "starting", **extra}, status=503)
 
     async def jwks(_: web.Request) -> web.Response:

@@ -29,6 +29,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -87,9 +88,7 @@ class FileSink:
     def start(self, meta: dict[str, Any]) -> None:
         """The chain's first record: who writes it and how it fails (``audit.on_failure`` is
         thereby in the log itself, as the one switch that lets credentials leave unaudited)."""
-        from proxy.pipeline import _now_iso
-
-        self.append({"type": "start", "time": _now_iso(), "pid": os.getpid(), "path": self.path,
+        self.append({"type": "start", "time": _now(), "pid": os.getpid(), "path": self.path,
                      "on_failure": self.options.on_failure,
                      "checkpoint_key": self.key.vkey() if self.key is not None else None, **meta})
         if self.options.on_failure == "continue":
@@ -159,10 +158,8 @@ class FileSink:
     def chain_checkpoint(self, final: bool) -> dict[str, Any] | None:
         if self.key is None:
             return None
-        from proxy.pipeline import _now_iso
-
         saved = (self.chain.seq, self.chain.head)
-        record, line = self.chain.checkpoint(self.key, _now_iso(), final)
+        record, line = self.chain.checkpoint(self.key, _now(), final)
         if not self._write_line(line):
             self.chain.seq, self.chain.head = saved
             return None
@@ -199,9 +196,7 @@ class FileSink:
 
     def _drain_spool(self) -> None:
         if self._dropped_pending:
-            from proxy.pipeline import _now_iso
-
-            gap = {"type": "gap", "time": _now_iso(), "dropped": self._dropped_pending,
+            gap = {"type": "gap", "time": _now(), "dropped": self._dropped_pending,
                    "reason": f"audit spool full while {self.path} could not be written"}
             if not self._write(gap):
                 return
@@ -249,6 +244,10 @@ class FileSink:
         elif why != self.last_error:
             self.last_error = why
             log.error("audit sink %s still cannot write: %s", self.path, why)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def write_whole(fd: int, data: bytes, regular: bool) -> None:
