@@ -40,6 +40,7 @@ test: $(STAMP)
 # The benchmark (docs/benchmarks.md): a few minutes; `make test` runs its smoke mode only.
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/audit.py
 
 bench-smoke: $(STAMP)
 	$(BIN)/python bench/run.py --smoke

@@ -137,7 +137,7 @@ class KeylessAddon:
         return self.pipeline.config.listen.max_request_body
 
     @property
-    def inflight(self) -> set[str]:
+    def inflight(self) -> dict[str, Exchange]:
         return self.pipeline.inflight
 
     def _exchange(self, flow: mflow.Flow) -> Exchange:
@@ -376,8 +376,13 @@ class KeylessAddon:
         ex.request = RequestRecord(None, "tcp", server[0] if server else None, server[1] if server else None, None)
         raise KeylessError("bad_request", "non-HTTP traffic is not relayed")
 
+    def client_connected(self, client: Any) -> None:
+        self.pipeline.telemetry.connections.inc()
+        self.pipeline.telemetry.connections_total.inc()
+
     def client_disconnected(self, client: Any) -> None:
         self._upstream_failures.pop(client.id, None)
+        self.pipeline.telemetry.connections.dec()
         self.pipeline.disconnected(client.id)
 
     # -- proxy.answer_layers.Seam: answers mitmproxy's HTTP layer sends -----------------------

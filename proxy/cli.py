@@ -81,6 +81,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.log_format == "json":
+        from proxy.telemetry import JsonFormatter
+
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonFormatter())
     logging.getLogger("mitmproxy").setLevel(max(logging.WARNING, logging.getLogger().level))
     # hpack and h2 log every HTTP/2 header they encode or decode at debug level: that would print
     # the app's Authorization and the injected credential into the log.
@@ -359,6 +364,7 @@ def parser() -> argparse.ArgumentParser:
 
     r = with_config(sub.add_parser("run", help="start the proxy"))
     r.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    r.add_argument("--log-format", default="text", choices=["text", "json"])
     r.set_defaults(func=cmd_run)
     with_config(sub.add_parser("check", help="validate config and policies")).set_defaults(func=cmd_check)
     i = sub.add_parser("init", help="write a starter keyless.yaml and policies/ to edit")
@@ -425,6 +431,9 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("-d", "--dir", default="policies", help="policy directory or bundle.tar.gz")
     x.add_argument("--decision", default="data.keyless.egress.decision")
     x.set_defaults(func=cmd_policy_explain)
+    from proxy.audit.cli import add_commands
+
+    add_commands(sub, DEFAULT_CONFIG)
     return p
 
 

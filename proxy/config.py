@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from proxy.audit.options import AuditConfig, parse_audit
 from proxy.confread import Section
 from proxy.egress import EgressConfig
 from proxy.egress import parse as parse_egress
@@ -115,11 +116,6 @@ class SigningConfig:
     algorithm: str = "ES256"
     key_file: Path | None = None
     issuer: str = "keyless"
-
-
-@dataclass(frozen=True, slots=True)
-class AuditConfig:
-    path: str = "-"
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,7 +306,7 @@ def parse_config(raw: Any, source: Path) -> Config:
     s.done()
 
     s = top.section("audit")
-    audit = AuditConfig(path=s.text("path", "-"))
+    audit = parse_audit(s)
     s.done()
 
     s = top.section("egress")

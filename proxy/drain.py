@@ -2,8 +2,9 @@
 
 Kubernetes sends SIGTERM, waits ``terminationGracePeriodSeconds`` and then kills. In between,
 Keyless stops accepting new connections, reports not-ready, lets requests already in flight
-finish for up to ``listen.drain_seconds``, and only then shuts mitmproxy down; the caller
-flushes and closes the audit sink afterwards, so every finished request has its record.
+finish for up to ``listen.drain_seconds``, writes a ``drain_timeout`` record for each request
+still running then, and only then shuts mitmproxy down; the caller flushes and closes the audit
+sink afterwards, so every request has its record.
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ log = logging.getLogger("keyless")
 
 class Drainer:
     def __init__(self, master: Any, inflight: Collection[str], seconds: float,
-                 on_start: Callable[[], None] | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 on_start: Callable[[], None] | None = None, clock: Callable[[], float] = time.monotonic,
+                 on_timeout: Callable[[], int] | None = None) -> None:
         self.master = master
         self.inflight = inflight
         self.seconds = seconds
         self.on_start = on_start
         self.clock = clock
+        self.on_timeout = on_timeout
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -46,6 +49,9 @@ class Drainer:
                 await asyncio.sleep(0.05)
             if self.inflight:
                 log.warning("drain period over with %d request(s) still in flight", len(self.inflight))
+                if self.on_timeout is not None:
+                    # Cut, each with its terminal drain_timeout record, before mitmproxy stops.
+                    self.on_timeout()
         except Exception as e:  # noqa: BLE001 - a failed drain still has to shut down
             log.error("drain failed: %s", type(e).__name__)
         finally:

@@ -27,6 +27,10 @@ STATUS: Final[dict[str, int]] = {
     "policy_unavailable": 503,
     "credential_unavailable": 503,
     "upstream_timeout": 504,
+    # The audit trail cannot be written: no credential leaves unaudited (proxy.audit.file).
+    "audit_unavailable": 503,
+    # Still in flight when listen.drain_seconds ran out at shutdown: cut, with this record.
+    "drain_timeout": 503,
 }
 
 

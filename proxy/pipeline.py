@@ -32,6 +32,7 @@ from cryptography import x509
 from proxy import answers
 from proxy.audit import AuditSink
 from proxy.audit.event import AuditEvent, Outcome, RequestRecord
+from proxy.audit.mask import mask_input
 from proxy.authority import Target, check_authority, cut, target
 from proxy.config import Config
 from proxy.credentials import CREDENTIALS, CredentialProvider, Runtime
@@ -44,6 +45,7 @@ from proxy.policy.input import build_input
 from proxy.reflect import injects, trace_refusal
 from proxy.signing import Signer
 from proxy.strip import strip_credentials
+from proxy.telemetry import Telemetry
 from proxy.trust import TRUST_PROVIDERS, Caller, TrustProvider
 from proxy.trust.combine import combine, merge_carried
 from proxy.trust.evidence import caller_evidence
@@ -107,6 +109,8 @@ class Exchange:
     # credential was injected, so nothing could be reflected.
     reflected: dict[str, Any] | None = None
     audited: bool = False
+    # The policy input document as the engine saw it (the audit record keeps a masked copy).
+    input: dict[str, Any] | None = None
 
     @property
     def refused(self) -> bool:
@@ -147,8 +151,12 @@ class Pipeline:
         self._tunnels: dict[str, Target] = {}
         self._carried: dict[str, tuple[Attestation, ...]] = {}
         self._allowed: dict[str, dict[tuple[str, int], Pin]] = {}
-        # Decision ids of requests not yet audited: what a SIGTERM drain waits for.
-        self.inflight: set[str] = set()
+        # Requests not yet audited, by decision id: what a SIGTERM drain waits for (and cuts).
+        self.inflight: dict[str, Exchange] = {}
+        self.telemetry = Telemetry()
+        audit = config.audit
+        self._mask = audit.mask
+        self.labels: dict[str, str] = dict(audit.labels)
 
     @staticmethod
     def build_plugins(config: Config, signer: Signer) -> tuple[list[TrustProvider], dict[str, CredentialProvider]]:
@@ -170,7 +178,7 @@ class Pipeline:
 
     def begin(self, peer: tuple[str, int] | None) -> Exchange:
         ex = Exchange(Source(str(peer[0]), int(peer[1])) if peer else Source("", 0))
-        self.inflight.add(ex.decision_id)
+        self.inflight[ex.decision_id] = ex
         return ex
 
     async def open_tunnel(self, ex: Exchange, conn: Connection, host: str, port: int,
@@ -189,7 +197,7 @@ class Pipeline:
             self._carried[conn.id] = identity.attestations
         self._tunnels[conn.id] = tunnel
         # An open tunnel has no record of its own: each request inside it gets one.
-        self.inflight.discard(ex.decision_id)
+        self.inflight.pop(ex.decision_id, None)
         return tunnel
 
     async def decide(self, ex: Exchange, conn: Connection, view: RequestView) -> Decision:
@@ -233,8 +241,17 @@ class Pipeline:
                                 path=view.path, query=view.query, headers=view.headers)
         if destination is not None:
             doc["destination"] = destination
+        ex.input = doc
         # decide
-        decision = await self.engine.decide(doc)
+        started = time.perf_counter()
+        try:
+            decision = await self.engine.decide(doc)
+        except PolicyUnavailable as e:
+            self.telemetry.decided("error", False, time.perf_counter() - started)
+            self.telemetry.health("policy engine", f"{e.reason or e.code}: {e.message}")
+            raise
+        self.telemetry.decided("allow" if decision.allow else "deny", decision.cached, time.perf_counter() - started)
+        self.telemetry.health("policy engine", None)
         ex.decision = decision
         if not decision.allow:
             raise KeylessError("forbidden", decision.reason or "denied by policy")
@@ -263,6 +280,9 @@ class Pipeline:
         if ex.forwarded or ex.refused or decision is None or not decision.allow:
             # Unreachable through the addon; a refusal here keeps it so if that ever changes.
             raise KeylessError("internal_error", "request reached forwarding without an allow decision")
+        if decision.credential is not None and not self.sink.accepting():
+            # Fail closed before anything is injected: a credential never leaves unaudited.
+            raise KeylessError("audit_unavailable", "the audit trail cannot be written")
         name = ex.host
         upgrade = self.egress.origination(name, request.port, request.scheme)
         if upgrade is not None:
@@ -282,7 +302,15 @@ class Pipeline:
             # In transparent mode request.host is the dialled address; credentials are minted
             # for the name the policy decided on.
             ctx = GrantContext(ex.identity, decision, request.scheme, name, request.port)
-            ex.grant = await provider.apply(request, ctx)
+            started = time.perf_counter()
+            try:
+                ex.grant = await provider.apply(request, ctx)
+            except KeylessError as e:
+                self.telemetry.credential(decision.credential, time.perf_counter() - started, False)
+                self.telemetry.health(f"credential {decision.credential}", e.message)
+                raise
+            self.telemetry.credential(decision.credential, time.perf_counter() - started, True)
+            self.telemetry.health(f"credential {decision.credential}", None)
         ex.forwarded = True
         pins[Egress.allow_key(request.host, request.port)] = pin
 
@@ -308,11 +336,21 @@ class Pipeline:
 
     def finish(self, ex: Exchange, status: int | None) -> None:
         """Write the request's one terminal audit record (later calls are no-ops)."""
-        self.inflight.discard(ex.decision_id)
+        self.inflight.pop(ex.decision_id, None)
         if ex.audited:
             return
         ex.audited = True
-        self.sink.emit(self.event(ex, status))
+        event = self.event(ex, status)
+        self.sink.emit(event)
+        self.telemetry.finished(event)
+
+    def cut_inflight(self) -> int:
+        """Drain over: every request still in flight gets its terminal ``drain_timeout`` record."""
+        cut = list(self.inflight.values())
+        for ex in cut:
+            self.refuse(ex, KeylessError("drain_timeout", "still in flight when the drain period ended"))
+            self.finish(ex, None)
+        return len(cut)
 
     def disconnected(self, conn_id: str) -> None:
         self._tunnels.pop(conn_id, None)
@@ -356,12 +394,19 @@ class Pipeline:
         return doc
 
     def event(self, ex: Exchange, status: int | None) -> AuditEvent:
+        recorded, erased, masked = mask_input(ex.input, self._mask) if ex.input is not None else (None, [], [])
         return AuditEvent(
             decision_id=ex.decision_id, time=ex.time, source=ex.source, identity=ex.identity,
             request=ex.request, decision=ex.decision, policy=self.engine.query,
             engine_revision=self.engine.revision, grant=ex.grant, stripped=ex.stripped, reflected=ex.reflected,
             outcome=outcome(ex, status), latency_ms=round((time.perf_counter() - ex.started) * 1000, 3),
+            input=recorded, erased=tuple(erased), masked=tuple(masked),
+            bundles={"keyless": {"revision": self.revision_of(ex)}}, labels=self.labels,
         )
+
+    def revision_of(self, ex: Exchange) -> str:
+        d = ex.decision
+        return d.revision if d is not None and d.revision else self.engine.revision
 
 
 def outcome(ex: Exchange, status: int | None) -> Outcome:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from proxy.audit import AuditSink, JsonLinesSink
+from proxy.audit import AuditTrail, build_trail
 from proxy.ca import ensure_ca
 from proxy.config import Config
 from proxy.credentials import CredentialProvider
@@ -133,9 +133,12 @@ async def serve(prep: Prepared, *, reuse_port: bool = False) -> int:
 
         config.tls.publish_bundle.parent.mkdir(parents=True, exist_ok=True)
         write_bundle(config.tls.publish_bundle, ca_cert, system_bundle())
-    sink: AuditSink = JsonLinesSink(config.audit.path)
+    sink = build_trail(config.audit, prep.signer)
     pipeline = Pipeline(config, prep.engine, prep.signer, sink, prep.trust, prep.credentials)
     policy = prep.policy
+    from proxy.observe import instrument
+
+    instrument(pipeline, sink, policy)
     if policy is not None and policy.posture is not None:
         pipeline.posture = policy.posture.lookup
 
@@ -195,8 +198,9 @@ async def serve(prep: Prepared, *, reuse_port: bool = False) -> int:
     install_answers(keyless_addon)
 
     def is_ready() -> bool:
-        # Ready once mitmproxy listens and the policy engine has answered (OPA: at least once).
-        return ready.is_set() and (policy is None or policy.ready())
+        # Ready once mitmproxy listens and the policy engine has answered (OPA: at least once),
+        # and while the audit trail can be written.
+        return ready.is_set() and (policy is None or policy.ready()) and sink.healthy()
 
     if reuse_port:
         from proxy.workers import enable_reuse_port
@@ -208,7 +212,8 @@ async def serve(prep: Prepared, *, reuse_port: bool = False) -> int:
         from proxy.admin import make_admin_app
 
         status = policy.status if policy is not None else None
-        runner = web.AppRunner(make_admin_app(prep.signer, ca_cert, is_ready, status), access_log=None)
+        runner = web.AppRunner(make_admin_app(prep.signer, ca_cert, is_ready, status, audit_status=sink.status,
+                                              metrics=pipeline.telemetry.registry), access_log=None)
         await runner.setup()
         try:
             await web.TCPSite(runner, config.admin.address, config.admin.port, reuse_port=reuse_port or None).start()
@@ -221,9 +226,13 @@ async def serve(prep: Prepared, *, reuse_port: bool = False) -> int:
     from proxy.drain import Drainer
 
     loop = asyncio.get_running_loop()
-    drainer = Drainer(master, keyless_addon.inflight, config.listen.drain_seconds, on_start=ready.clear)
+    drainer = Drainer(master, keyless_addon.inflight, config.listen.drain_seconds, on_start=ready.clear,
+                      on_timeout=pipeline.cut_inflight)
     loop.add_signal_handler(signal.SIGINT, master.shutdown)
     loop.add_signal_handler(signal.SIGTERM, drainer.start)
+    from proxy.observe import on_sighup
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup(config, policy, pipeline.telemetry))
     # Everything built so far (modules, compiled policy, mitmproxy's option tree: ~100k objects)
     # lives as long as the process: move it out of the collector's reach so full collections
     # triggered by per-request garbage do not rescan it.
@@ -231,6 +240,9 @@ async def serve(prep: Prepared, *, reuse_port: bool = False) -> int:
     gc.freeze()
     if policy is not None:
         await policy.start()
+    await sink.start({"version": pipeline.labels.get("version"), "policy_revision": prep.engine.revision})
+    ticker = loop.create_task(_tick(sink))
+    flushed = False
     try:
         await master.run()
     except SystemExit:
@@ -241,12 +253,24 @@ async def serve(prep: Prepared, *, reuse_port: bool = False) -> int:
     finally:
         if not reuse_port:
             remove_state(config.tls.ca_dir)
+        ticker.cancel()
         if policy is not None:
             await policy.stop()
-        sink.close()
+        # Every record written (spool flushed, final checkpoint signed) or a non-zero exit.
+        flushed = await sink.aclose()
         if runner is not None:
             await runner.cleanup()
-    return 0
+    return 0 if flushed else 1
+
+
+async def _tick(sink: AuditTrail) -> None:
+    """Once a second: retry a failed audit sink's spool; time-based checkpoints."""
+    while True:
+        await asyncio.sleep(1.0)
+        try:
+            sink.tick()
+        except Exception as e:  # noqa: BLE001 - the ticker must outlive any one failure
+            log.error("audit tick failed: %s", type(e).__name__)
 
 
 def upstream_trust(configured: Path | None) -> Path:

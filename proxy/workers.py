@@ -80,7 +80,15 @@ def run_workers(prep: Prepared) -> int:
     # Installed before forking so a signal arriving mid-fork is not lost; workers reset them.
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    stop_signals = {signal.SIGTERM, signal.SIGINT}
+
+    def hup(signum: int, _frame: FrameType | None) -> None:
+        # SIGHUP reloads each worker (proxy/sighup.py); it never stops the set.
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGHUP)
+
+    signal.signal(signal.SIGHUP, hup)
+    stop_signals = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
     for index in range(n):
         # Blocked across the fork: a child must not run the supervisor's handler (and signal
         # its siblings) before it has reset it; a pending signal is delivered after the reset.
@@ -89,6 +97,8 @@ def run_workers(prep: Prepared) -> int:
         if pid == 0:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
+            # Ignored until serve() installs its reload handler: the default action would kill.
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
             code = 1
             try:

@@ -151,17 +151,20 @@ class Keyless:
     def audit_file(self) -> Path:
         return Path(self.config["audit"]["path"])
 
-    def audit(self) -> list[dict[str, Any]]:
+    def audit(self, chain_records: bool = False) -> list[dict[str, Any]]:
+        """The request records; with ``chain_records`` also checkpoints and gap records."""
         import json
 
         if not self.audit_file.exists():
             return []
-        return [json.loads(line) for line in self.audit_file.read_text().splitlines()]
+        records = [json.loads(line) for line in self.audit_file.read_text().splitlines()]
+        return [r for r in records if chain_records or "type" not in r]
 
-    def start(self, log_level: str = "debug") -> Keyless:
+    def start(self, log_level: str = "debug", *extra: str) -> Keyless:
         with open(self.log_file, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "proxy.cli", "run", "-c", str(self.config_file), "--log-level", log_level],
+                [sys.executable, "-m", "proxy.cli", "run", "-c", str(self.config_file), "--log-level", log_level,
+                 *extra],
                 stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.tmp)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

@@ -213,10 +213,12 @@ class NsKeyless:
                 self.proc.wait()
         return self.proc.returncode
 
-    def audit(self) -> list[dict[str, Any]]:
+    def audit(self, chain_records: bool = False) -> list[dict[str, Any]]:
+        """The request records; with ``chain_records`` also checkpoints and gap records."""
         if not self.audit_file.exists():
             return []
-        return [json.loads(line) for line in self.audit_file.read_text().splitlines() if line.strip()]
+        records = [json.loads(line) for line in self.audit_file.read_text().splitlines() if line.strip()]
+        return [r for r in records if chain_records or "type" not in r]
 
     def wait_audit(self, count: int, timeout: float = 5) -> list[dict[str, Any]]:
         deadline = time.monotonic() + timeout

@@ -82,6 +82,14 @@ class AuditEvent:
     stripped: tuple[str, ...] = ()
     # What was removed from the response because it echoed the credential (docs/reflection.md).
     reflected: dict[str, Any] | None = None
+    # For a decision-log service and a replay (OPA's decision-log event): the policy input as
+    # masked by proxy.audit.mask, the paths erased and masked, the policy's result, the bundle
+    # revisions and the instance's labels. None/empty when no decision was asked for.
+    input: dict[str, Any] | None = None
+    erased: tuple[str, ...] = ()
+    masked: tuple[str, ...] = ()
+    bundles: dict[str, Any] | None = None
+    labels: dict[str, str] | None = None
 
     @property
     def revision(self) -> str:
@@ -107,5 +115,27 @@ class AuditEvent:
             "reflected": self.reflected,
             "outcome": self.outcome.as_record(),
             "latency_ms": self.latency_ms,
+            "input": self.input,
+            "result": None if d is None else result(d),
+            "bundles": self.bundles,
+            "labels": self.labels,
         }
+        if self.erased:
+            record["erased"] = list(self.erased)
+        if self.masked:
+            record["masked"] = list(self.masked)
         return record
+
+
+def result(d: Decision) -> dict[str, Any]:
+    """The policy's decision object as the policy returned it (only the keys Keyless reads)."""
+    out: dict[str, Any] = {"allow": d.allow}
+    if d.reason:
+        out["reason"] = d.reason
+    if d.credential is not None:
+        out["credential"] = d.credential
+    if d.params:
+        out["params"] = dict(d.params)
+    if d.cache_ttl is not None:
+        out["cache_ttl"] = d.cache_ttl
+    return out

@@ -83,6 +83,7 @@ class KeySet:
         self._keys: list[dict[str, Any]] = []
         self._fetched_at: float | None = None
         self._last_attempt = float("-inf")
+        self._failing = False  # the last refresh failed: the next success is logged as a recovery
         self._inflight: asyncio.Task[bool] | None = None
         # Built now, at startup: loading a CA file is blocking I/O and must not run on the loop.
         self._ssl = ssl.create_default_context(cafile=str(source.ca_file) if source.ca_file else None)
@@ -143,15 +144,20 @@ class KeySet:
             keys = parse_jwks(doc)
         except KeySetError as e:
             log.warning("jwt(%s): cannot refresh keys from %s: %s", self.label, self.source.describe(), e)
+            self._failing = True
             return False
         except Exception as e:  # noqa: BLE001 - any failure keeps the old keys, never crashes the loop
             log.warning("jwt(%s): cannot refresh keys from %s: %s", self.label, self.source.describe(),
                         type(e).__name__)
+            self._failing = True
             return False
         finally:
             self._inflight = None
         self._keys = keys
         self._fetched_at = self.clock()
+        if self._failing:
+            self._failing = False
+            log.warning("jwt(%s): issuer keys from %s recovered", self.label, self.source.describe())
         log.info("jwt(%s): loaded %d keys from %s", self.label, len(keys), self.source.describe())
         return True
 
