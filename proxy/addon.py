@@ -22,6 +22,7 @@ from proxy.model import Attestation, Source
 from proxy.paths import check_path
 from proxy.trust import Caller
 from proxy.trust.evidence import caller_evidence
+from proxy.wirepatch import wire_refusal
 
 log = logging.getLogger("keyless")
 
@@ -79,23 +80,28 @@ class KeylessAddon:
 
     async def http_connect(self, flow: http.HTTPFlow) -> None:
         tunnel = (flow.request.host, flow.request.port)
-        if "proxy-authorization" not in flow.request.headers:
-            self._tunnels[flow.client_conn.id] = tunnel
-            return
-        # Attest once, on the CONNECT: inside the tunnel the client sends no Proxy-Authorization.
         addr = flow.client_conn.peername
         ex = Exchange(Source(str(addr[0]), int(addr[1])))
-        try:
-            identity = await self.broker.attest(self._caller(flow))
-            self._carried[flow.client_conn.id] = identity.attestations
-            # Only a CONNECT that succeeds opens a tunnel: a refused one leaves the connection
-            # usable for plain proxy requests.
+        # Header limits and malformed fields (proxy/limits.py) come before anything reads them.
+        wire = wire_refusal(flow.request, self.broker.config.listen.limits)
+        if wire is not None:
+            error = wire
+        elif "proxy-authorization" not in flow.request.headers:
             self._tunnels[flow.client_conn.id] = tunnel
             return
-        except KeylessError as e:
-            error = e
-        except Exception as e:  # noqa: BLE001 - fail closed on anything
-            error = _internal("http_connect", e)
+        else:
+            # Attest once, on the CONNECT: inside the tunnel the client sends no Proxy-Authorization.
+            try:
+                identity = await self.broker.attest(self._caller(flow))
+                self._carried[flow.client_conn.id] = identity.attestations
+                # Only a CONNECT that succeeds opens a tunnel: a refused one leaves the connection
+                # usable for plain proxy requests.
+                self._tunnels[flow.client_conn.id] = tunnel
+                return
+            except KeylessError as e:
+                error = e
+            except Exception as e:  # noqa: BLE001 - fail closed on anything
+                error = _internal("http_connect", e)
         # A refused CONNECT never reaches the response hook: audit it here.
         req = flow.request
         self.broker.describe_request(ex, req.method, req.scheme, req.host, req.port, "")
@@ -127,6 +133,10 @@ class KeylessAddon:
         req = flow.request
         try:
             self.broker.describe_request(ex, req.method, req.scheme, req.host, req.port, req.path)
+            # Header limits and malformed fields (proxy/limits.py) come before anything reads them.
+            wire = wire_refusal(req, self.broker.config.listen.limits)
+            if wire is not None:
+                raise wire
             host = req.host
             if self.transparent:
                 # req.host is the original destination address; the policy sees the name.

@@ -19,6 +19,8 @@ from proxy.confread import Section
 from proxy.egress import EgressConfig
 from proxy.egress import parse as parse_egress
 from proxy.errors import ConfigError
+from proxy.limits import WireLimits
+from proxy.limits import parse as parse_limits
 from proxy.policy.options import ENGINES, PolicyExtras, parse_extras
 
 DEFAULT_STRIP_HEADERS = (
@@ -66,6 +68,8 @@ class ListenConfig:
     workers: int = 1
     # Request bodies are buffered (SigV4 hashes them); larger ones are refused with 413.
     max_body_size: str = "64m"
+    # Header size and count, timeouts and the connection cap (proxy/limits.py).
+    limits: WireLimits = WireLimits()
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +171,7 @@ def parse_config(raw: Any, source: Path) -> Config:
         drain_seconds=s.number("drain_seconds", 10.0),
         workers=s.integer("workers", 1, lo=1, hi=64),
         max_body_size=s.text("max_body_size", "64m"),
+        limits=parse_limits(s.section("limits")),
     )
     if not re.fullmatch(r"[1-9][0-9]*[kmg]?", listen.max_body_size or "64m"):
         s.error("must be a size such as 512k, 64m or 1g", "max_body_size")

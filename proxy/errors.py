@@ -13,9 +13,11 @@ STATUS: Final[dict[str, int]] = {
     "forbidden": 403,
     "attestation_failed": 407,
     "misdirected_request": 421,
+    "request_header_fields_too_large": 431,
     "internal_error": 500,
     "policy_unavailable": 503,
     "credential_unavailable": 503,
+    "overloaded": 503,
 }
 
 

@@ -118,8 +118,12 @@ async def serve(prep: Prepared, *, reuse_port: bool = False) -> int:
     from mitmproxy.master import Master
 
     from proxy.addon import KeylessAddon
+    from proxy.wirepatch import install as install_wire_limits
 
     config = prep.config
+    # Header limits, HTTP/2-to-HTTP/1 framing, timeouts, connection cap: patches mitmproxy has no
+    # options for (proxy/wirepatch.py); before the master exists, so every connection has them.
+    install_wire_limits(config.listen.limits)
     ca_cert = ensure_ca(config.tls.ca_dir)
     if config.tls.publish_ca is not None:
         from proxy.ca import publish_ca
