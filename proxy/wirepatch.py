@@ -313,11 +313,13 @@ async def _refuse_connection(handler: Any) -> None:
 
 
 def _patch_connections() -> None:
+    from mitmproxy.connection import ConnectionState
     from mitmproxy.proxy import events, mode_servers, server
 
     handle_client = server.ConnectionHandler.handle_client
     server_event = server.ConnectionHandler.server_event
     handle_hook = mode_servers.ProxyConnectionHandler.handle_hook
+    handle_connection = server.ConnectionHandler.handle_connection
 
     async def limited_handle_client(self: Any) -> None:
         if self.client.transport_protocol != "tcp":
@@ -348,6 +350,21 @@ def _patch_connections() -> None:
                 watch.hook(hook.name, args[0])
         await handle_hook(self, hook)
 
+    async def closing_handle_connection(self: Any, connection: Any) -> None:
+        try:
+            await handle_connection(self, connection)
+        except asyncio.CancelledError:
+            # mitmproxy catches the cancel that closes a connection around its reads only. When
+            # a hook task closes the connection (a refusal sent with Connection: close) while
+            # the client is still sending, the cancel lands in server_event, waiting for its
+            # lock, and the cleanup is skipped: the socket stays open and unread for good.
+            io = self.transports.pop(connection, None)
+            if io is not None and io.writer is not None:
+                connection.state = ConnectionState.CLOSED
+                io.writer.close()
+            raise
+
     server.ConnectionHandler.handle_client = limited_handle_client  # type: ignore[method-assign]
     server.ConnectionHandler.server_event = watched_server_event  # type: ignore[method-assign]
     mode_servers.ProxyConnectionHandler.handle_hook = watched_handle_hook  # type: ignore[method-assign]
+    server.ConnectionHandler.handle_connection = closing_handle_connection  # type: ignore[method-assign]

@@ -38,6 +38,8 @@ class RawRequest:
 class RawUpstream:
     tls_dir: Path | None = None
     port: int = 0
+    # False: read and log, never answer (an upstream that hangs).
+    answer: bool = True
     connections: list[bytearray] = field(default_factory=list)
     requests: list[RawRequest] = field(default_factory=list)
     _sock: socket.socket | None = None
@@ -90,6 +92,8 @@ class RawUpstream:
                 while (parsed := _parse(buf)) is not None:
                     request, buf = parsed
                     self.requests.append(request)
+                    if not self.answer:
+                        continue
                     body = b'{"ok": true}'
                     sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))

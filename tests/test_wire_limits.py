@@ -27,13 +27,14 @@ from tests.harness import REPO, Keyless, base_config
 from tests.rawpeer import RawUpstream
 
 LIMITS = {"max_header_bytes": "16k", "max_headers": 50, "idle_timeout": 1.5, "header_timeout": 1.0,
-          "request_timeout": 4.0, "max_connections": 12, "retry_after": 7}
+          "request_timeout": 3.0, "max_connections": 12, "retry_after": 7}
 
 
 @dataclass
 class Env:
     k: Keyless
     up: RawUpstream  # plain HTTP
+    silent: RawUpstream  # plain HTTP, never answers
     tls_up: RawUpstream  # HTTPS, ALPN http/1.1 only
     secret: str
 
@@ -42,6 +43,7 @@ class Env:
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     tmp = tmp_path_factory.mktemp("wire-limits")
     up = RawUpstream().start()
+    silent = RawUpstream(answer=False).start()
     tls_up = RawUpstream(tmp / "tls-up").start()
     secret = "canary-wire-limits-secret"
     (tmp / "file-key").write_text(secret + "\n")
@@ -54,16 +56,17 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     cfg["tls"]["upstream_ca"] = str(tls_up.ca_file)
     k = Keyless(tmp, cfg).start(log_level="info")
     try:
-        yield Env(k, up, tls_up, secret)
+        yield Env(k, up, silent, tls_up, secret)
     finally:
         k.stop()
         up.stop()
+        silent.stop()
         tls_up.stop()
 
 
 @pytest.fixture(autouse=True)
 def _fresh(env: Env) -> None:
-    for u in (env.up, env.tls_up):
+    for u in (env.up, env.silent, env.tls_up):
         u.connections.clear()
         u.requests.clear()
 
@@ -230,7 +233,7 @@ def test_oversize_header_is_431_and_memory_stays_bounded(env: Env) -> None:
         rec = assert_refusal(env, read_answer(s), 431, "request_header_fields_too_large")
     assert rec["request"]["host"] == "localhost" and rec["request"]["path"] == "/v1/x"
     after, hwm_after = rss_kib(pid), rss_kib(pid, "VmHWM")
-    assert hwm_after - hwm_before < 32 * 1024, (before, after, hwm_before, hwm_after)
+    assert hwm_after - hwm_before < 16 * 1024, (before, after, hwm_before, hwm_after)
     assert env.up.connections == []
 
 
@@ -239,14 +242,16 @@ def test_many_small_headers_are_431_and_memory_is_given_back(env: Env) -> None:
     pid = env.k.proc.pid
     hwm_before = rss_kib(pid, "VmHWM")
     target = allowed_target(env)
-    flood = b"".join(b"x%d: y\r\n" % i for i in range(100_000))
+    # 400k small headers: before the limit, mitmproxy parsed them all (+160 MiB, an 8 s stall
+    # of every connection for 800k); now the read stops at 16 KiB.
+    flood = b"".join(b"x%d: y\r\n" % i for i in range(400_000))
     with connect(env) as s:
         s.sendall(f"GET http://{target}/v1/x HTTP/1.1\r\nHost: {target}\r\n".encode())
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             s.sendall(flood + b"\r\n")
         s.settimeout(5)
         assert_refusal(env, read_answer(s), 431, "request_header_fields_too_large")
-    assert rss_kib(pid, "VmHWM") - hwm_before < 32 * 1024
+    assert rss_kib(pid, "VmHWM") - hwm_before < 16 * 1024
     assert env.up.connections == []
 
 
@@ -426,3 +431,64 @@ def test_connection_cap_answers_503_with_retry_after(env: Env) -> None:
     with connect(env) as s:
         s.sendall(f"GET http://{target}/v1/ok HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n".encode())
         assert read_answer(s).status == 200
+
+
+def test_slow_tls_handshake_in_a_tunnel_is_closed_after_header_timeout(env: Env) -> None:
+    port = env.tls_up.port
+    with connect(env) as s:
+        s.sendall(f"CONNECT localhost:{port} HTTP/1.1\r\nHost: localhost:{port}\r\n\r\n".encode())
+        assert s.recv(4096).startswith(b"HTTP/1.1 200")
+        start = time.monotonic()
+        s.settimeout(0.1)
+        closed = None
+        for _ in range(60):
+            try:
+                s.sendall(b"\x16")  # a TLS record header, one byte at a time
+                if s.recv(1) == b"":
+                    closed = time.monotonic() - start
+                    break
+            except TimeoutError:
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                closed = time.monotonic() - start
+                break
+    assert closed is not None and closed < LIMITS["header_timeout"] + 1.5  # type: ignore[operator]
+
+
+def test_request_to_a_hanging_upstream_ends_at_request_timeout(env: Env) -> None:
+    target = f"localhost:{env.silent.port}"
+    with connect(env) as s:
+        s.sendall(f"GET http://{target}/v1/slow HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+        waited = closed_by_peer(s, 8)
+    assert LIMITS["request_timeout"] - 0.1 <= waited < LIMITS["request_timeout"] + 1.5  # type: ignore[operator]
+    assert len(env.silent.requests) == 1  # it was allowed and forwarded; the upstream hung
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        recs = [r for r in env.k.audit() if r["request"].get("path") == "/v1/slow"]
+        if recs:
+            break
+        time.sleep(0.05)
+    (rec,) = recs
+    assert "request_timeout" in json.dumps(rec["outcome"])
+
+
+def test_h2_header_list_between_limit_and_hard_cap_is_431(env: Env) -> None:
+    port = env.tls_up.port
+    with h2_tunnel(env, port) as (tls, conn):
+        status, headers, body = h2_exchange(tls, conn, [
+            (b":method", b"GET"), (b":scheme", b"https"), (b":authority", f"localhost:{port}".encode()),
+            (b":path", b"/v1/x"), (b"x-big", b"a" * 20_000)], [])
+    assert status == 431 and json.loads(body)["error"] == "request_header_fields_too_large"
+    audit_for(env, headers[b"keyless-decision-id"].decode())
+    assert env.tls_up.connections == []
+
+
+def test_h2_header_list_over_the_hard_cap_ends_the_connection(env: Env) -> None:
+    """Over twice max_header_bytes the HPACK decoder stops (h2's DenialOfServiceError): the
+    connection ends with GOAWAY and nothing is forwarded."""
+    port = env.tls_up.port
+    with h2_tunnel(env, port) as (tls, conn), pytest.raises(AssertionError, match="connection terminated"):
+        h2_exchange(tls, conn, [
+            (b":method", b"GET"), (b":scheme", b"https"), (b":authority", f"localhost:{port}".encode()),
+            (b":path", b"/v1/x"), (b"x-big", b"a" * 40_000)], [])
+    assert env.tls_up.connections == []
