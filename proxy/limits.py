@@ -115,7 +115,9 @@ def inspect_http1_head(data: bytes | bytearray, limits: WireLimits) -> KeylessEr
     end = _BLANK_LINE.search(data, offset)
     complete = end is not None
     stop = end.end() if end is not None else len(data)
-    if stop - offset > limits.max_header_bytes:
+    # Counted from the buffer's start: mitmproxy drops one leading empty line per read, so a
+    # flood of CR LF would otherwise grow the buffer without ever starting a head.
+    if stop > limits.max_header_bytes:
         return too_large(f"request header block over {limits.max_header_bytes} bytes")
     if not complete:
         # Judge only the lines already complete: the last one may still be arriving.

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 import ssl
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +26,7 @@ import h2.connection
 import h2.events
 import pytest
 
+from proxy.demo import free_port
 from tests.harness import REPO, Keyless, base_config
 from tests.rawpeer import RawUpstream
 
@@ -277,15 +281,33 @@ def test_oversize_request_line_with_no_destination_gets_a_json_431(env: Env) -> 
     assert a.headers["connection"] == "close"
 
 
+def test_flood_of_empty_lines_is_431(env: Env) -> None:
+    """mitmproxy drops one leading empty line per read: a CR LF flood never starts a head and
+    would otherwise be buffered without bound."""
+    with connect(env) as s:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            for _ in range(64):
+                s.sendall(b"\r\n" * 32768)
+        a = read_answer(s)
+    assert_refusal(env, a, 431, "request_header_fields_too_large", audited=False)
+
+
 # --- HTTP/2 client, HTTP/1.1 upstream --------------------------------------------------------
 
 
 @contextlib.contextmanager
 def h2_tunnel(env: Env, port: int) -> Iterator[tuple[ssl.SSLSocket, h2.connection.H2Connection]]:
-    with connect(env) as raw:
+    with h2_via(env.k.config["listen"]["port"], env.k.ca_cert, port) as pair:
+        yield pair
+
+
+@contextlib.contextmanager
+def h2_via(proxy_port: int, ca: Path, port: int) -> Iterator[tuple[ssl.SSLSocket, h2.connection.H2Connection]]:
+    """CONNECT localhost:``port`` through the proxy, TLS with ALPN h2 only, an h2 connection."""
+    with socket.create_connection(("127.0.0.1", proxy_port), timeout=10) as raw:
         raw.sendall(f"CONNECT localhost:{port} HTTP/1.1\r\nHost: localhost:{port}\r\n\r\n".encode())
         assert raw.recv(4096).startswith(b"HTTP/1.1 200")
-        ctx = ssl.create_default_context(cafile=str(env.k.ca_cert))
+        ctx = ssl.create_default_context(cafile=str(ca))
         ctx.set_alpn_protocols(["h2"])
         with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
             assert tls.selected_alpn_protocol() == "h2"
@@ -343,6 +365,65 @@ def test_h2_body_without_content_length_is_framed_for_http1_upstream(env: Env) -
     assert req.header(b"transfer-encoding") is None
     assert req.body == smuggle
     assert req.header(b"authorization") == f"Bearer {env.secret}".encode()
+
+
+@contextlib.contextmanager
+def mitmdump(tmp: Path, *, patched: bool, stream: bool) -> Iterator[tuple[int, Path]]:
+    """mitmproxy as released (mitmdump), with tests/mitm/h2_stream.py: (port, CA file)."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "KEYLESS_WIREPATCH": "1" if patched else "0",
+           "STREAM_BODIES": "1" if stream else "0"}
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mitmdump"), "-q", "--listen-host", "127.0.0.1", "-p", str(port),
+         "--set", f"confdir={tmp}", "--set", "connection_strategy=lazy", "--ssl-insecure",
+         "-s", str(REPO / "tests" / "mitm" / "h2_stream.py")],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            assert proc.poll() is None and time.monotonic() < deadline, "mitmdump did not start"
+            time.sleep(0.1)
+        yield port, tmp / "mitmproxy-ca-cert.pem"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _post_unframed_h2(proxy_port: int, ca: Path, up: RawUpstream, body: bytes) -> int:
+    with h2_via(proxy_port, ca, up.port) as (tls, conn):
+        status, _, _ = h2_exchange(tls, conn, [
+            (b":method", b"POST"), (b":scheme", b"https"), (b":authority", f"localhost:{up.port}".encode()),
+            (b":path", b"/upload")], [body[:20], body[20:]])
+    return status
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["buffered", "streamed"])
+def test_mitmproxy_with_the_patch_frames_h2_bodies_for_http1(env: Env, tmp_path: Path, stream: bool) -> None:
+    """Both of mitmproxy's request-body paths: buffered (state_consume_request_body) gets a
+    Content-Length, streamed (flow.request.stream = True) gets chunked framing."""
+    body = f"GET /v1/admin HTTP/1.1\r\nHost: localhost:{env.tls_up.port}\r\n\r\n".encode()
+    with mitmdump(tmp_path, patched=True, stream=stream) as (port, ca):
+        assert _post_unframed_h2(port, ca, env.tls_up, body) == 200
+    (req,) = env.tls_up.requests
+    assert req.line == b"POST /upload HTTP/1.1" and req.body == body
+    if stream:
+        assert req.header(b"transfer-encoding") == b"chunked" and req.header(b"content-length") is None
+    else:
+        assert req.header(b"content-length") == str(len(body)).encode()
+
+
+def test_mitmproxy_as_released_sends_h2_bodies_unframed(env: Env, tmp_path: Path) -> None:
+    """The upstream bug the patch exists for (docs/upstream/mitmproxy-h2-to-h1-framing.md):
+    when this fails after a mitmproxy upgrade, the framing patch may be retired."""
+    body = f"GET /v1/admin HTTP/1.1\r\nHost: localhost:{env.tls_up.port}\r\n\r\n".encode()
+    with mitmdump(tmp_path, patched=False, stream=False) as (port, ca):
+        _post_unframed_h2(port, ca, env.tls_up, body)
+    time.sleep(0.3)
+    first, *rest = env.tls_up.requests
+    assert first.header(b"content-length") is None and first.header(b"transfer-encoding") is None
+    assert first.body == b"" and rest and rest[0].line == b"GET /v1/admin HTTP/1.1"  # the smuggled request
 
 
 def test_h2_header_value_with_crlf_never_reaches_the_http1_upstream(env: Env) -> None:
