@@ -148,6 +148,12 @@ def inspect_http1_head(data: bytes | bytearray, limits: WireLimits) -> KeylessEr
     return None
 
 
+def response_head_incomplete(data: bytes | bytearray) -> bool:
+    """True while no complete head is in ``data`` (an upstream's response, not yet parsed)."""
+    start = _LEADING_EMPTY.match(data)
+    return _BLANK_LINE.search(data, start.end() if start else 0) is None
+
+
 def check_fields(fields: Iterable[tuple[bytes, bytes]], limits: WireLimits, *, http2: bool) -> KeylessError | None:
     """The header-field rules for a parsed request of any protocol.
 

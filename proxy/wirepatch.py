@@ -1,6 +1,6 @@
 """The narrow mitmproxy patches behind ``listen.limits``, installed once by ``install``.
 
-mitmproxy 12.3 has no option for any of this, so Keyless wraps five methods (never replaces
+mitmproxy 12.3 has no option for any of this, so Keyless wraps a few methods (never replaces
 their logic) and calls the plain functions of ``proxy.limits``:
 
 - ``Http1Server.read_headers``: inspect the client's head while mitmproxy buffers it (size,
@@ -9,6 +9,7 @@ their logic) and calls the plain functions of ``proxy.limits``:
   close``) that the addon refuses through the normal path, so the refusal is JSON with
   ``Keyless-Decision-Id`` and one audit record; otherwise the layer writes the JSON refusal
   itself and closes (logged, no audit record: nothing identifies a request).
+- ``Http1Client.read_headers``: the same size bound on an upstream's response head (502).
 - ``Http1Client.send``: an HTTP/2 or HTTP/3 request sent to an HTTP/1.1 upstream gets
   Content-Length (buffered body) or ``Transfer-Encoding: chunked`` (streamed body).
 - ``Http2Server.__init__``: advertise SETTINGS_MAX_HEADER_LIST_SIZE = max_header_bytes and cap
@@ -39,6 +40,7 @@ from proxy.limits import (
     inspect_http1_head,
     raw_refusal,
     request_line,
+    response_head_incomplete,
 )
 
 if TYPE_CHECKING:
@@ -115,7 +117,7 @@ def _patch_http1() -> None:
     from mitmproxy.proxy import commands, events
     from mitmproxy.proxy.layers.http import _http1
     from mitmproxy.proxy.layers.http._base import ReceiveHttp
-    from mitmproxy.proxy.layers.http._events import RequestHeaders
+    from mitmproxy.proxy.layers.http._events import ErrorCode, RequestHeaders, ResponseProtocolError
 
     read_headers = _http1.Http1Server.read_headers
     send = _http1.Http1Client.send
@@ -175,7 +177,24 @@ def _patch_http1() -> None:
                 event = dataclasses.replace(event, request=request)
         yield from send(self, event)
 
+    client_read_headers = _http1.Http1Client.read_headers
+
+    def checked_client_read_headers(self: Any, event: Any) -> Generator[Any, Any, None]:
+        # The same bound for an upstream's response head ("FIXME: protect against header size
+        # DoS" in mitmproxy): a hostile or broken upstream must not grow the buffer either.
+        limit = _STATE.limits.max_header_bytes
+        if (isinstance(event, events.DataReceived) and self.stream_id is not None
+                and len(self.buf) > limit and response_head_incomplete(self.buf._data)):
+            yield commands.CloseConnection(self.conn)
+            yield ReceiveHttp(ResponseProtocolError(
+                self.stream_id, f"upstream response header block over {limit} bytes",
+                ErrorCode.GENERIC_SERVER_ERROR))
+            self.buf = _Discard()
+            return
+        yield from client_read_headers(self, event)
+
     _http1.Http1Server.read_headers = checked_read_headers  # type: ignore[method-assign]
+    _http1.Http1Client.read_headers = checked_client_read_headers  # type: ignore[method-assign]
     _http1.Http1Client.send = framed_send  # type: ignore[method-assign]
 
 

@@ -40,6 +40,8 @@ class RawUpstream:
     port: int = 0
     # False: read and log, never answer (an upstream that hangs).
     answer: bool = True
+    # Bytes of extra response header lines (an upstream with a huge head).
+    response_padding: int = 0
     connections: list[bytearray] = field(default_factory=list)
     requests: list[RawRequest] = field(default_factory=list)
     _sock: socket.socket | None = None
@@ -95,8 +97,9 @@ class RawUpstream:
                     if not self.answer:
                         continue
                     body = b'{"ok": true}'
-                    sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                    pad = b"X-Pad: " + b"p" * self.response_padding + b"\r\n" if self.response_padding else b""
+                    sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" + pad
+                                 + b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         except (OSError, ssl.SSLError):
             return
         finally:
