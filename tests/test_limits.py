@@ -128,6 +128,8 @@ def test_check_fields() -> None:
     for bad in ((b"x-a", b"1\r\nx: y"), (b"x-a", b"a\x00"), (b"x a", b"1"), (b"x-a", b"\n")):
         error = check_fields([bad], SMALL, http2=True)
         assert error is not None and error.code == "bad_request"
+    error = check_fields([(b"a", b"1"), (b"b c", b"2")], SMALL, http2=True)  # a space among several names
+    assert error is not None and error.code == "bad_request"
     error = check_fields([(b"x%d" % i, b"y") for i in range(6)], SMALL, http2=True)
     assert error is not None and error.status == 431
     # HTTP/2 counts 32 bytes per field (RFC 7541), HTTP/1 4: 5 tiny fields are 170 or 30 bytes.
