@@ -231,6 +231,15 @@ class KeylessAddon:
         ex.error = KeylessError("bad_request", "non-HTTP traffic is not relayed")
         self._audit(ex, None)
 
+    def audit_wire_refusal(self, error: KeylessError, peer: Any, decision_id: str) -> None:
+        """Audit a refusal proxy/wirepatch.py wrote before any request existed (a connection
+        over the cap, a head that never named a destination): like tcp_start, no request."""
+        source = Source(str(peer[0]), int(peer[1])) if peer else Source("", 0)
+        ex = Exchange(source, decision_id=decision_id)
+        ex.request = {"method": None, "scheme": None, "host": None, "port": None, "path": None}
+        ex.error = error
+        self._audit(ex, error.status)
+
     def _audit(self, ex: Exchange, status: int | None) -> None:
         self.inflight.discard(ex.decision_id)
         try:

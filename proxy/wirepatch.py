@@ -27,7 +27,7 @@ import asyncio
 import dataclasses
 import logging
 import weakref
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any
 
 from proxy.errors import KeylessError
@@ -52,19 +52,29 @@ log = logging.getLogger("keyless")
 _LAYER_ERRORS: weakref.WeakKeyDictionary[Any, KeylessError] = weakref.WeakKeyDictionary()
 
 
+# Records a refusal no request could be attached to: (error, client address, decision id).
+RefusalAudit = Callable[[KeylessError, Any, str], None]
+
+
 @dataclasses.dataclass(slots=True)
 class _State:
     limits: WireLimits = WireLimits()
     installed: bool = False
     connections: int = 0
+    on_refusal: RefusalAudit | None = None
 
 
 _STATE = _State()
 
 
-def install(limits: WireLimits) -> None:
-    """Patch mitmproxy once per process; later calls only change the limits in force."""
+def install(limits: WireLimits, on_refusal: RefusalAudit | None = None) -> None:
+    """Patch mitmproxy once per process; later calls only change the limits in force.
+
+    ``on_refusal`` audits the refusals written before any request exists (a connection over
+    ``max_connections``, a head that never names a destination).
+    """
     _STATE.limits = limits
+    _STATE.on_refusal = on_refusal
     if _STATE.installed:
         return
     _STATE.installed = True
@@ -75,6 +85,15 @@ def install(limits: WireLimits) -> None:
 
 def active_connections() -> int:
     return _STATE.connections
+
+
+def _audit_refusal(error: KeylessError, peer: Any, decision_id: str) -> None:
+    if _STATE.on_refusal is None:
+        return
+    try:
+        _STATE.on_refusal(error, peer, decision_id)
+    except Exception as e:  # noqa: BLE001 - an audit failure must not keep the socket open
+        log.error("auditing a wire refusal failed: %s", type(e).__name__)
 
 
 def wire_refusal(request: http.Request, limits: WireLimits) -> KeylessError | None:
@@ -144,6 +163,7 @@ def _patch_http1() -> None:
             did, raw = raw_refusal(error)
             log.warning("refused a request from %s before it named a destination: %s (decision %s)",
                         self.conn.peername, error.code, did)
+            _audit_refusal(error, self.conn.peername, did)
             yield commands.SendData(self.conn, raw)
             yield commands.CloseConnection(self.conn)
             self.state = self.done
@@ -316,6 +336,7 @@ async def _refuse_connection(handler: Any) -> None:
     error = KeylessError("overloaded", f"more than {limits.max_connections} client connections")
     did, raw = raw_refusal(error, retry_after=limits.retry_after)
     log.warning("refused connection from %s: %s (decision %s)", handler.client.peername, error.code, did)
+    _audit_refusal(error, handler.client.peername, did)
     try:
         io.writer.write(raw)
         await io.writer.drain()
