@@ -205,7 +205,9 @@ def host_line(data: bytes | bytearray, limit: int = 8192) -> bytes | None:
 
     Used only to name the destination of a request refused while its head was being read.
     """
-    for line in bytes(data[:limit]).split(b"\n")[1:]:
+    start = _LEADING_EMPTY.match(data)
+    offset = start.end() if start else 0
+    for line in bytes(data[offset:offset + limit]).split(b"\n")[1:]:
         name, colon, value = line.rstrip(b"\r").partition(b":")
         if not line.strip():
             break

@@ -229,6 +229,15 @@ def test_inside_a_tls_tunnel_the_refusal_names_the_tunnel_destination(env: Env) 
     assert env.tls_up.connections == []
 
 
+def test_malformed_connect_is_refused_and_opens_no_tunnel(env: Env) -> None:
+    with connect(env) as s:
+        s.sendall(f"CONNECT localhost:{env.tls_up.port} HTTP/1.1\r\nHost: localhost\r\nX-A: 1\r\n 2\r\n\r\n".encode())
+        rec = assert_refusal(env, read_answer(s), 400, "bad_request")
+        closed_by_peer(s, 3)
+    assert rec["request"]["method"] == "CONNECT" and rec["request"]["port"] == env.tls_up.port
+    assert env.tls_up.connections == []
+
+
 def test_well_formed_request_still_passes_with_the_credential(env: Env) -> None:
     target = allowed_target(env)
     with connect(env) as s:
