@@ -72,9 +72,21 @@ async def measure(n: int, batches: int, jwt: bool, cache: bool = True) -> dict[s
         times.setdefault(name, []).append(t1 - t0)
         return t1
 
+    from proxy.limits import WireLimits, inspect_http1_head
+    from proxy.wirepatch import wire_refusal
+
+    limits = WireLimits()
+    head = (f"{method} http://127.0.0.1:9000{path} HTTP/1.1\r\n"
+            + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n").encode()
+
     async def one() -> None:
         req = http.Request.make(method, "http://127.0.0.1:9000" + path, b"{}" if jwt else b"", headers)
         t = time.perf_counter()
+        # proxy/wirepatch.py: the HTTP/1 head inspection and the HTTP/2 field check; a request
+        # pays one of the two, so this is an upper bound.
+        inspect_http1_head(head, limits)
+        wire_refusal(req, limits)
+        t = clock("wire limits (head + fields)", t)
         ex = Exchange(Source("127.0.0.1", 50000))
         broker.describe_request(ex, req.method, req.scheme, req.host, req.port, req.path)
         t = clock("exchange + describe", t)

@@ -102,7 +102,10 @@ def wire_refusal(request: http.Request, limits: WireLimits) -> KeylessError | No
     error = _LAYER_ERRORS.pop(request, None)
     if error is not None:
         return error
-    return check_fields(request.headers.fields, limits, http2=request.is_http2 or request.is_http3)
+    multiplexed = request.is_http2 or request.is_http3
+    if _STATE.installed and not multiplexed:
+        return None  # the patched HTTP/1 reader already held the raw head to the same rules
+    return check_fields(request.headers.fields, limits, http2=multiplexed)
 
 
 # --- HTTP/1 -----------------------------------------------------------------------------------
