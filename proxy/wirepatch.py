@@ -8,7 +8,7 @@ their logic) and calls the plain functions of ``proxy.limits``:
   request line names a destination, mitmproxy gets a stub request (no body, ``Connection:
   close``) that the addon refuses through the normal path, so the refusal is JSON with
   ``Keyless-Decision-Id`` and one audit record; otherwise the layer writes the JSON refusal
-  itself and closes (logged, no audit record: nothing identifies a request).
+  itself, closes, and ``on_refusal`` audits it without request fields.
 - ``Http1Client.read_headers``: the same size bound on an upstream's response head (502).
 - ``Http1Client.send``: an HTTP/2 or HTTP/3 request sent to an HTTP/1.1 upstream gets
   Content-Length (buffered body) or ``Transfer-Encoding: chunked`` (streamed body).
@@ -19,6 +19,9 @@ their logic) and calls the plain functions of ``proxy.limits``:
   the connection cap (503 + Retry-After before any byte is read) and the idle, header-read and
   total-request timeouts (``limits.ConnectionClock``), which close the connection the way
   mitmproxy's own inactivity watchdog does (cancelling the client's handler task).
+- ``ConnectionHandler.handle_connection``: close the socket when that cancel lands inside
+  ``server_event`` (a refusal's close while the client is still sending), which mitmproxy's
+  cleanup misses: the socket would stay open and unread.
 """
 
 from __future__ import annotations
