@@ -626,3 +626,35 @@ def test_h2_header_list_over_the_hard_cap_ends_the_connection(env: Env) -> None:
             (b":method", b"GET"), (b":scheme", b"https"), (b":authority", f"localhost:{port}".encode()),
             (b":path", b"/v1/x"), (b"x-big", b"a" * 40_000)], [])
     assert env.tls_up.connections == []
+
+
+def test_h2_continuation_flood_ends_at_the_header_cap(env: Env) -> None:
+    """HEADERS without END_HEADERS, then CONTINUATION frames of junk: h2 alone buffers up to 64
+    frames (8 MiB at mitmproxy's frame size) before it looks; the bounded buffer stops at twice
+    max_header_bytes (32 KiB here)."""
+    from hyperframe.frame import ContinuationFrame, HeadersFrame
+
+    port = env.tls_up.port
+    with h2_tunnel(env, port) as (tls, conn):
+        sid = conn.get_next_available_stream_id()
+        first = HeadersFrame(sid, data=b"\x00" * 16384)  # flags: no END_HEADERS
+        tls.sendall(first.serialize())
+        tls.settimeout(3)
+        sent = 1
+        terminated = False
+        for _ in range(40):
+            with contextlib.suppress(TimeoutError):
+                tls.settimeout(0.05)
+                data = tls.recv(65536)
+                if not data or any(isinstance(e, h2.events.ConnectionTerminated) for e in conn.receive_data(data)):
+                    terminated = True
+                    break
+            try:
+                tls.sendall(ContinuationFrame(sid, data=b"\x00" * 16384).serialize())
+            except OSError:
+                terminated = True
+                break
+            sent += 1
+    assert terminated, "the connection survived 40 CONTINUATION frames"
+    assert sent <= 8, f"{sent} frames of 16 KiB were buffered before the connection ended"
+    assert env.tls_up.connections == []
