@@ -75,9 +75,21 @@ async def measure(n: int, batches: int, jwt: bool, cache: bool = True) -> dict[s
     def no_upgrade(host: str, port: int) -> None:
         raise AssertionError("no tls_origination in this config")
 
+    from proxy.limits import WireLimits, inspect_http1_head
+    from proxy.wirepatch import wire_refusal
+
+    limits = WireLimits()
+    head = (f"{method} http://127.0.0.1:9000{path} HTTP/1.1\r\n"
+            + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n").encode()
+
     async def one() -> None:
         req = http.Request.make(method, "http://127.0.0.1:9000" + path, b"{}" if jwt else b"", headers)
         t = time.perf_counter()
+        # proxy/wirepatch.py: the HTTP/1 head inspection and the HTTP/2 field check; a request
+        # pays one of the two, so this is an upper bound.
+        inspect_http1_head(head, limits)
+        wire_refusal(req, limits)
+        t = clock("wire limits (head + fields)", t)
         ex = pipeline.begin(conn.peer)
         v = view(req)
         t = clock("exchange + request view", t)

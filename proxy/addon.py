@@ -33,6 +33,7 @@ from proxy.pipeline import Connection, Exchange, Pipeline, RequestView
 from proxy.reflect import RefusalStream, ResponseLimits, ResponseScan, finish_response, prepare_response
 from proxy.selfcheck import answer as self_check_answer
 from proxy.selfcheck import is_self_check
+from proxy.wirepatch import wire_refusal
 
 log = logging.getLogger("keyless")
 
@@ -64,7 +65,7 @@ def connection(conn: Any) -> Connection:
                       sni=conn.sni, certificates=[c.to_cryptography() for c in certs] if certs else ())
 
 
-def view(req: http.Request, wire_error: str | None = None) -> RequestView:
+def view(req: http.Request, wire_error: str | None = None, wire_refusal: KeylessError | None = None) -> RequestView:
     return RequestView(
         method=req.method, scheme=req.scheme, host=req.host, port=req.port, path=req.path,
         host_header=req.host_header,
@@ -72,7 +73,7 @@ def view(req: http.Request, wire_error: str | None = None) -> RequestView:
         query=list(req.query.items(multi=True)) if "?" in req.path else [],
         headers=list(req.headers.items(multi=True)),
         proxy_authorization=req.headers.get_all("proxy-authorization"),
-        wire_error=wire_error,
+        wire_error=wire_error, wire_refusal=wire_refusal,
     )
 
 
@@ -180,6 +181,11 @@ class KeylessAddon:
     async def http_connect(self, flow: http.HTTPFlow) -> None:
         ex = self._exchange(flow)
         req = flow.request
+        # Header limits and malformed fields (proxy/limits.py) come before anything reads them.
+        wire = wire_refusal(req, self.pipeline.config.listen.limits)
+        if wire is not None:
+            ex.request = RequestRecord("CONNECT", "", cut(req.host), req.port, "")
+            raise wire
         tunnel = await self.pipeline.open_tunnel(ex, connection(flow.client_conn), req.host, req.port,
                                                  req.headers.get_all("proxy-authorization"))
         # mitmproxy dials (request.host, request.port) after this hook: the canonical address.
@@ -195,7 +201,9 @@ class KeylessAddon:
             status, headers, body = self_check_answer(ex.decision_id, req.query, version())
             flow.response = http.Response.make(status, body, headers)
             return
-        await self.pipeline.decide(ex, conn, view(req, flow.error.msg if flow.error is not None else None))
+        # Looked up by this exact request object (proxy/wirepatch.py): before any copy is made.
+        wire = wire_refusal(req, self.pipeline.config.listen.limits)
+        await self.pipeline.decide(ex, conn, view(req, flow.error.msg if flow.error is not None else None, wire))
         if ex.target is None:
             raise KeylessError("internal_error", "decided without a canonical target")
         point_at(flow, ex.target, self.pipeline.transparent)
@@ -384,6 +392,13 @@ class KeylessAddon:
         self._upstream_failures.pop(client.id, None)
         self.pipeline.telemetry.connections.dec()
         self.pipeline.disconnected(client.id)
+
+    def audit_wire_refusal(self, error: KeylessError, peer: Any, decision_id: str) -> None:
+        """Audit a refusal proxy/wirepatch.py wrote before any request existed (a connection
+        over the cap, a head that never named a destination): like tcp_start, no request."""
+        ex = self.pipeline.begin(peer, decision_id=decision_id)
+        self.pipeline.refuse(ex, error)
+        self._audit(ex, error.status)
 
     # -- proxy.answer_layers.Seam: answers mitmproxy's HTTP layer sends -----------------------
 

@@ -284,7 +284,8 @@ class KeylessHttp1Server(_http1.Http1Server):
 
     def read_headers(self, event: events.ConnectionEvent) -> Commands:
         out = list(super().read_headers(event))  # only non-blocking commands are yielded here
-        if not any(isinstance(c, commands.SendData) for c in out):
+        if getattr(self, "keyless_answered", False) or not any(isinstance(c, commands.SendData) for c in out):
+            # No page to replace, or proxy.wirepatch already sent (and audited) Keyless's answer.
             yield from out
             return
         # read_headers sends data only for its 400 page; the ReceiveHttp commands that follow

@@ -23,6 +23,8 @@ from proxy.egress import EgressConfig
 from proxy.egress import parse as parse_egress
 from proxy.envexpand import expand as expand_env
 from proxy.errors import ConfigError
+from proxy.limits import WireLimits
+from proxy.limits import parse as parse_limits
 from proxy.policy.options import ENGINES, PolicyExtras, parse_extras
 
 DEFAULT_STRIP_HEADERS = (
@@ -76,6 +78,8 @@ class ListenConfig:
     redact_max_body: str = "4m"
     # Responses over this size are refused (502 response_too_large); None: no limit.
     max_response_body: str | None = None
+    # Header size and count, timeouts and the connection cap (proxy/limits.py).
+    limits: WireLimits = WireLimits()
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +214,7 @@ def parse_config(raw: Any, source: Path) -> Config:
         max_request_body=_request_body_limit(s),
         redact_max_body=s.text("redact_max_body", "4m"),
         max_response_body=s.text("max_response_body", None),
+        limits=parse_limits(s.section("limits")),
     )
     for key in ("redact_max_body", "max_response_body"):
         value = getattr(listen, key)

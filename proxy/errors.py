@@ -14,6 +14,7 @@ STATUS: Final[dict[str, int]] = {
     "attestation_failed": 407,
     "body_too_large": 413,
     "misdirected_request": 421,
+    "request_header_fields_too_large": 431,
     "internal_error": 500,
     # An upstream answer Keyless will not hand on: larger than listen.max_response_body, or a
     # text body it cannot scan for a reflected credential (unknown or corrupt Content-Encoding).
@@ -31,6 +32,7 @@ STATUS: Final[dict[str, int]] = {
     "audit_unavailable": 503,
     # Still in flight when listen.drain_seconds ran out at shutdown: cut, with this record.
     "drain_timeout": 503,
+    "overloaded": 503,
 }
 
 

@@ -83,6 +83,8 @@ class RequestView:
     proxy_authorization: Sequence[str] = ()
     # Why mitmproxy's HTTP layer would not forward this request (smuggling-prone framing).
     wire_error: str | None = None
+    # A header block over listen.limits, or a malformed field (proxy/limits.py).
+    wire_refusal: KeylessError | None = None
 
 
 @dataclass(slots=True)
@@ -176,8 +178,10 @@ class Pipeline:
 
     # --- one request, in order ------------------------------------------------------------------
 
-    def begin(self, peer: tuple[str, int] | None) -> Exchange:
+    def begin(self, peer: tuple[str, int] | None, decision_id: str | None = None) -> Exchange:
         ex = Exchange(Source(str(peer[0]), int(peer[1])) if peer else Source("", 0))
+        if decision_id is not None:
+            ex.decision_id = decision_id
         self.inflight[ex.decision_id] = ex
         return ex
 
@@ -207,6 +211,8 @@ class Pipeline:
         ex.request = RequestRecord(view.method, view.scheme, cut(view.host), view.port, path)
         # framing: what mitmproxy will not forward is never decided, and a declared body over
         # the limit is refused before a byte of it is read
+        if view.wire_refusal is not None:
+            raise view.wire_refusal
         if view.wire_error is not None:
             raise answers.wire_refusal(answers.WireError("REQUEST_VALIDATION_FAILED", view.wire_error))
         answers.check_declared_size([v for n, v in view.headers if n.lower() == "content-length"],

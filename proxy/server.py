@@ -121,6 +121,7 @@ async def serve(prep: Prepared, *, reuse_port: bool = False) -> int:
 
     from proxy.addon import KeylessAddon
     from proxy.answer_layers import install as install_answers
+    from proxy.wirepatch import install as install_wire_limits
 
     config = prep.config
     ca_cert = ensure_ca(config.tls.ca_dir)
@@ -176,6 +177,9 @@ async def serve(prep: Prepared, *, reuse_port: bool = False) -> int:
         core.Core(), proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig(),
         errorcheck.ErrorCheck(repeat_errors_on_stderr=False), keyless_addon := KeylessAddon(pipeline), Ready(),
     )
+    # Header limits, HTTP/2-to-HTTP/1 framing, timeouts, connection cap: patches mitmproxy has no
+    # options for (proxy/wirepatch.py), in place before the first connection is accepted.
+    install_wire_limits(config.listen.limits, on_refusal=keyless_addon.audit_wire_refusal)
     # Options belong to the addons that define them, so they are set once all are loaded.
     master.options.update(
         # "transparent": the original destination comes from the redirected socket (SO_ORIGINAL_DST).
