@@ -149,9 +149,8 @@ class KeylessAddon:
                 ex, method=req.method, scheme=req.scheme, host=host, port=req.port, path=req.path,
                 query=list(req.query.items(multi=True)) if "?" in req.path else [],
                 headers=list(req.headers.items(multi=True)),
+                destination=ex.request["destination"] if self.transparent else None,
             )
-            if self.transparent:
-                doc["destination"] = ex.request["destination"]
             await self.broker.decide(ex, doc)
         except KeylessError as e:
             self._refuse(flow, ex, e)

@@ -99,18 +99,17 @@ class Broker:
                       "path": path.split("?", 1)[0]}
 
     def policy_input(self, ex: Exchange, *, method: str, scheme: str, host: str, port: int, path: str,
-                     query: list[tuple[str, str]], headers: list[tuple[str, str]]) -> dict[str, Any]:
-        doc = build_input(
+                     query: list[tuple[str, str]], headers: list[tuple[str, str]],
+                     destination: dict[str, Any] | None = None) -> dict[str, Any]:
+        # Every field comes from build_input: the decision-cache key is derived from its declaration.
+        return build_input(
             source=ex.source, identity=ex.identity, method=method, scheme=scheme, host=host, port=port,
             path=path.split("?", 1)[0], query=query, headers=headers,
             secret_headers=self._secret_headers, secret_params=self._secret_params,
-            time=ex.time, mode=self.mode,
+            time=ex.time, mode=self.mode, time_ns=_time_ns(ex.time),
+            posture=self.posture(ex.identity.id) if self.posture is not None else None,
+            destination=destination,
         )
-        # rego-cpp lacks time.parse_rfc3339_ns: nanoseconds let time.clock/weekday work on both engines.
-        doc["context"]["time_ns"] = _time_ns(ex.time)
-        if self.posture is not None:
-            doc["context"]["posture"] = self.posture(ex.identity.id)
-        return doc
 
     async def decide(self, ex: Exchange, input_doc: dict[str, Any]) -> Decision:
         decision = await self.engine.decide(input_doc)

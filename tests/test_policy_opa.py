@@ -265,8 +265,8 @@ def test_engines_agree_on_the_guide_examples() -> None:
 
 
 def test_time_zone_builtins_do_not_crash_the_proxy(tmp_path: Path) -> None:
-    """rego-cpp's time-zone code corrupted the heap when regopy loaded after aiohttp (see
-    proxy/__init__.py); the real proxy, which imports aiohttp, must evaluate it and stay up."""
+    """Time-zone built-ins in the real proxy (which imports aiohttp and every other extension):
+    rego-cpp, the engine before regorus, corrupted its heap on them when loaded after aiohttp."""
     payroll = "spiffe://example.org/ns/payroll/sa/batch"
     cfg = base_config(tmp_path, policy={"dir": str(REPO / "docs/policy-examples"),
                                         "decision": "data.keyless.examples.timewindow.decision"},
