@@ -15,6 +15,7 @@ from proxy.errors import KeylessError
 from proxy.model import Decision
 from proxy.policy import PolicyUnavailable
 from proxy.policy.engines import DEFAULT_EMBEDDED, compile_modules, resolve
+from proxy.policy.rego import check_compiles
 from proxy.policy.result import UNDEFINED, parse_decision
 from proxy.policy.source import PolicyLoadError, PolicySource, entrypoint, read_policy_dir
 
@@ -37,6 +38,10 @@ class EmbeddedEngine:
             # The interpreter would answer "undefined" forever, which would deny every request
             # with no hint why.
             raise PolicyLoadError([f"no rule {query} in the policy (check policy.decision)"])
+        # The compiler checks every rule the decision reaches (the interpreter finds a misspelt
+        # built-in only when a request reaches it); the RVM compiles it anyway.
+        if self.engine != DEFAULT_EMBEDDED:
+            check_compiles(source.without_tests(), [query])
         self._compiled = compile_modules(source.without_tests(), [query], engine)
         self._source = f"policy({query})"
 

@@ -62,6 +62,10 @@ def _engine_error(e: BaseException) -> bool:
     return isinstance(e, RuntimeError | TypeError | ValueError) or type(e).__name__ == "PanicException"
 
 
+# The RVM, unlike the interpreter, keeps no state across a panic: it is reset by every run
+# (tests/test_policy_engines.py::test_an_engine_panic_is_a_policy_error checks both).
+
+
 def _value(out: str) -> tuple[bool, Any]:
     if out == _UNDEFINED:
         return False, None
@@ -105,15 +109,16 @@ class Interpreter:
     """regorus's tree-walking interpreter: slower, and the whole of what regorus implements."""
 
     def __init__(self, source: PolicySource, rules: Sequence[str]) -> None:
-        self._engine = regorus.Engine()
         try:
+            self._loaded = regorus.Engine()
             for name, text in source.modules:
-                self._engine.add_policy(name, text)
-            self._engine.add_data_json(json.dumps(source.data))
+                self._loaded.add_policy(name, text)
+            self._loaded.add_data_json(json.dumps(source.data))
         except BaseException as e:
             if not _engine_error(e):
                 raise
             raise PolicyLoadError([describe(e)]) from None
+        self._engine = self._loaded.clone()
         self.rules = tuple(rules)
 
     def evaluate(self, rule: str, input_doc: Any) -> tuple[bool, Any]:
@@ -123,6 +128,10 @@ class Interpreter:
         except BaseException as e:
             if not _engine_error(e):
                 raise
+            if type(e).__name__ == "PanicException":
+                # A panic unwinds past the interpreter's bookkeeping (the next evaluation of the
+                # rule reports "recursion detected"): continue on a fresh copy of the parsed policy.
+                self._engine = self._loaded.clone()
             raise ValueError(describe(e)) from None
 
 

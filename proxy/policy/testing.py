@@ -84,6 +84,8 @@ def run_source_tests(source: PolicySource, engine: str = "embedded") -> list[Tes
 # --- the cache promise -------------------------------------------------------------------------
 _SAMPLES = re.compile(r"^vary_samples\b", re.MULTILINE)
 _PROBE = "keyless-vary-probe"
+_LITERAL = re.compile(r'"((?:[^"\\\n]|\\.)*)"')
+_MAX_LITERALS = 300
 # A derived field is covered when the field it is derived from is.
 _DERIVED = {"request.path_template": "request.path"}
 
@@ -99,6 +101,10 @@ def check_vary(source: PolicySource, tests: Any, engine: str) -> list[TestResult
     would have decided otherwise. A failure names the field.
     """
     results: list[TestResult] = []
+    # The policy's own string constants are the values most likely to change a decision
+    # ("fail", a host, a method): each string field is also set to each of them.
+    literals = list(dict.fromkeys(json.loads(f'"{m}"') for _, text in source.without_tests().modules
+                                  for m in _LITERAL.findall(text)))[:_MAX_LITERALS]
     for name, text in source.modules:
         pkg = _PACKAGE.search(text)
         if not name.endswith("_test.rego") or pkg is None or not _SAMPLES.search(text):
@@ -119,11 +125,11 @@ def check_vary(source: PolicySource, tests: Any, engine: str) -> list[TestResult
                 results.append(TestResult(f"{rule}[{query}]", False, "; ".join(e.problems)))
                 continue
             for i, sample in enumerate(inputs if isinstance(inputs, list) else []):
-                results.append(_check_sample(decision, query, f"{rule}[{query!r}][{i}]", sample))
+                results.append(_check_sample(decision, query, f"{rule}[{query!r}][{i}]", sample, literals))
     return results
 
 
-def _check_sample(compiled: Any, query: str, name: str, sample: Any) -> TestResult:
+def _check_sample(compiled: Any, query: str, name: str, sample: Any, literals: list[str]) -> TestResult:
     from proxy.policy.input import INPUT_FIELDS, path_template
     from proxy.policy.result import parse_decision
 
@@ -157,7 +163,7 @@ def _check_sample(compiled: Any, query: str, name: str, sample: Any) -> TestResu
         dotted = ".".join(path)
         if _covered(dotted, covered) or _covered(_DERIVED.get(dotted, "\0"), covered):
             continue
-        for changed in _mutations(sample, path):
+        for changed in _mutations(sample, path, literals):
             if decide(changed) != first:
                 return TestResult(name, False, f"the decision sets {promise} but changes when {dotted} "
                                                "changes: add it to cache.vary, or do not cache this decision")
@@ -174,7 +180,7 @@ def _leaves(doc: Any, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
     return [prefix] if prefix else []
 
 
-def _mutations(doc: Any, path: tuple[str, ...]) -> list[Any]:
+def _mutations(doc: Any, path: tuple[str, ...], literals: list[str]) -> list[Any]:
     out: list[Any] = []
     parent = doc
     for p in path[:-1]:
@@ -184,9 +190,9 @@ def _mutations(doc: Any, path: tuple[str, ...]) -> list[Any]:
     if isinstance(value, bool):
         replacements = [not value]
     elif isinstance(value, int | float):
-        replacements = [value + 1, 0]
+        replacements = [value + 1, value - 1, 0]
     elif isinstance(value, str):
-        replacements = ["", _PROBE, value + "/" + _PROBE]
+        replacements = ["", _PROBE, value + "/" + _PROBE, *(lit for lit in literals if lit != value)]
     elif isinstance(value, list):
         replacements = [[], [_PROBE]]
     for new in [None, *replacements]:
