@@ -71,11 +71,11 @@ class StandIn:
         try:
             if built is not None:
                 interp, bundle = built
-                interp.set_input(regopy.Input(input_doc))
+                interp.set_input_term(json.dumps(input_doc))
                 out = str(interp.query_bundle_entrypoint(bundle, path))
             else:
                 interp = self._interpreter()
-                interp.set_input(regopy.Input(input_doc))
+                interp.set_input_term(json.dumps(input_doc))
                 out = str(interp.query("data." + path.replace("/", ".")))
         except (regopy.RegoError, json.JSONDecodeError) as e:
             raise ValueError(f"rego-cpp: {e}") from None
