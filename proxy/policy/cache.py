@@ -1,17 +1,17 @@
 """The decision cache: reuse a decision only when the policy asked for it.
 
 A decision carries ``cache_ttl: N`` or ``cache: {"ttl": N}``: it is reused for N seconds for
-requests whose **strict key** matches: every input field that ``proxy.policy.input.INPUT_FIELDS``
-declares cacheable (identity and attestations, the request line and query, the source address,
-posture without its age, the original destination, the mode) plus the policy revision. Fields
-declared uncacheable (headers, the clock, the source port, posture age) are not in it: a policy
-that reads them must not cache, or must name them in ``vary``.
+requests whose **strict key** matches: the input minus the fields ``proxy.policy.input.INPUT_FIELDS``
+declares uncacheable (headers, the clock, the source port, posture age), plus the policy revision.
+That leaves identity and attestations, the request line and query, the source address, posture,
+the original destination and the mode. A policy that reads an uncacheable field must not cache,
+or must name it in ``vary``.
 
 ``cache: {"ttl": N, "vary": [paths]}`` replaces the strict key by the values of those input
 paths (as HTTP's ``Vary`` does), so one decision serves ``/v1/invoices/1`` to ``/v1/invoices/999``
 when it varies on ``request.path_template``. The policy author promises that the decision depends
 on nothing else (docs/policy.md, "Caching decisions"); ``keyless policy test`` checks the promise
-on sample inputs. A lookup tries the strict key, then each vary list seen under this revision.
+on sample inputs. A lookup tries each vary list seen under this revision, then the strict key.
 
 A new revision empties the cache, so a reload never serves a decision of the old policy.
 """
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -28,8 +28,24 @@ from proxy.model import Decision
 from proxy.policy import PolicyEngine
 from proxy.policy.input import INPUT_FIELDS
 
-# The strict key, derived from the one declaration of the input's fields.
-KEY_PATHS: tuple[tuple[str, ...], ...] = tuple(tuple(f.path.split(".")) for f in INPUT_FIELDS if f.cacheable)
+
+def _exclusions() -> dict[str, Any]:
+    """The uncacheable fields of ``INPUT_FIELDS`` as a tree: ``{"request": {"headers": None}, ...}``."""
+    tree: dict[str, Any] = {}
+    for f in INPUT_FIELDS:
+        if f.cacheable:
+            continue
+        node = tree
+        *parents, last = f.path.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = None
+    return tree
+
+
+# The strict key is the input minus what is declared uncacheable: derived from the one
+# declaration, and a field nobody declared stays in the key (a miss, never a wrong hit).
+EXCLUDED: dict[str, Any] = _exclusions()
 # Distinct vary lists kept per revision: each costs one more key per lookup. A policy has a few;
 # past this many, decisions with a new list are not cached (counted in ``vary_overflow``).
 MAX_VARY_LISTS = 16
@@ -51,9 +67,21 @@ def _dump(parts: list[Any]) -> str:
     return json.dumps(parts, separators=(",", ":"), default=str)
 
 
+def _prune(doc: Any, excluded: dict[str, Any]) -> Any:
+    if not isinstance(doc, dict):
+        return doc
+    out: dict[str, Any] = {}
+    for k, v in doc.items():
+        if k not in excluded:
+            out[k] = v
+        elif excluded[k] is not None:
+            out[k] = _prune(v, excluded[k])
+    return out
+
+
 def cache_key(input_doc: dict[str, Any], revision: str) -> str:
-    """The strict key: the revision and every cacheable input field."""
-    return _dump([revision, *(_at(input_doc, p) for p in KEY_PATHS)])
+    """The strict key: the revision and every input field not declared uncacheable."""
+    return _dump([revision, _prune(input_doc, EXCLUDED)])
 
 
 def vary_key(input_doc: dict[str, Any], revision: str, vary: tuple[str, ...]) -> str:
@@ -87,9 +115,8 @@ class CachingEngine:
         self._varies.clear()
 
     def _lookup(self, input_doc: dict[str, Any], now: float) -> Decision | None:
-        keys = [cache_key(input_doc, self._revision)]
-        keys += [vary_key(input_doc, self._revision, v) for v in self._varies]
-        for key in keys:
+        # Vary lists first: they are what a policy caches its common answers with (allows).
+        for key in self._keys(input_doc):
             hit = self._entries.get(key)
             if hit is None:
                 continue
@@ -97,6 +124,11 @@ class CachingEngine:
                 return hit[1]
             del self._entries[key]
         return None
+
+    def _keys(self, input_doc: dict[str, Any]) -> Iterator[str]:
+        for v in self._varies:
+            yield vary_key(input_doc, self._revision, v)
+        yield cache_key(input_doc, self._revision)
 
     async def decide(self, input_doc: dict[str, Any]) -> Decision:
         if self.max_entries == 0:
