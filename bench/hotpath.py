@@ -33,8 +33,8 @@ def build(tmp: Path, cache: bool) -> Any:
     from run import CACHED_DECISION, UNCACHED_DECISION, cached_policy_dir  # bench/run.py
 
     from proxy.audit import JsonLinesSink
-    from proxy.broker import Broker
     from proxy.config import parse_config
+    from proxy.pipeline import Pipeline
     from proxy.server import prepare
 
     (tmp / "key").write_text("hotpath-static-secret\n")
@@ -50,21 +50,21 @@ def build(tmp: Path, cache: bool) -> Any:
     }
     cfg = parse_config(raw, tmp / "keyless.yaml")
     prep = prepare(cfg)
-    return Broker(cfg, prep.engine, prep.signer, JsonLinesSink(cfg.audit.path), prep.trust, prep.credentials)
+    return Pipeline(cfg, prep.engine, prep.signer, JsonLinesSink(cfg.audit.path), prep.trust, prep.credentials)
 
 
 async def measure(n: int, batches: int, jwt: bool, cache: bool = True) -> dict[str, float]:
     from mitmproxy import http
 
-    from proxy.broker import Exchange, check_authority
-    from proxy.model import Source
-    from proxy.trust import Caller
+    from proxy.addon import view
+    from proxy.pipeline import Connection
 
     tmp = Path(tempfile.mkdtemp(prefix="keyless-hotpath-"))
-    broker = build(tmp, cache)
+    pipeline = build(tmp, cache)
     method, path = ("POST", "/v1/reports/x") if jwt else ("GET", "/v1/bench?page=2")
     headers = {"Host": "127.0.0.1:9000", "User-Agent": "keyless-bench", "Accept": "*/*",
                "Authorization": "Bearer app-own"}
+    conn = Connection("c1", ("127.0.0.1", 50000), ("127.0.0.1", 8080), tls=False, sni=None)
     times: dict[str, list[float]] = {}
 
     def clock(name: str, t0: float) -> float:
@@ -72,26 +72,20 @@ async def measure(n: int, batches: int, jwt: bool, cache: bool = True) -> dict[s
         times.setdefault(name, []).append(t1 - t0)
         return t1
 
+    def no_upgrade(host: str, port: int) -> None:
+        raise AssertionError("no tls_origination in this config")
+
     async def one() -> None:
         req = http.Request.make(method, "http://127.0.0.1:9000" + path, b"{}" if jwt else b"", headers)
         t = time.perf_counter()
-        ex = Exchange(Source("127.0.0.1", 50000))
-        broker.describe_request(ex, req.method, req.scheme, req.host, req.port, req.path)
-        t = clock("exchange + describe", t)
-        ex.identity = await broker.attest(Caller("127.0.0.1", 50000))
-        t = clock("attest (source_ip)", t)
-        check_authority(scheme=req.scheme, host=req.host, port=req.port, host_header=req.host_header,
-                        connect=None, tls=False, sni=None)
-        t = clock("authority check", t)
-        doc = broker.policy_input(ex, method=req.method, scheme=req.scheme, host=req.host, port=req.port,
-                                  path=req.path, query=list(req.query.items(multi=True)) if "?" in req.path else [],
-                                  headers=list(req.headers.items(multi=True)))
-        t = clock("policy input", t)
-        await broker.decide(ex, doc)
-        t = clock("decide (embedded Rego)", t)
-        await broker.inject(ex, req)
+        ex = pipeline.begin(conn.peer)
+        v = view(req)
+        t = clock("exchange + request view", t)
+        await pipeline.decide(ex, conn, v)
+        t = clock("destination .. decide (attest, authority, input, Rego)", t)
+        await pipeline.forward(ex, conn, req, no_upgrade)
         t = clock("strip + inject", t)
-        broker.audit(ex, 200)
+        pipeline.finish(ex, 200)
         clock("audit (JSON line to file)", t)
 
     for _ in range(200):

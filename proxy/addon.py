@@ -1,32 +1,38 @@
 """The mitmproxy addon: the only module that knows mitmproxy's hooks.
 
-Each hook reads like a table of contents and delegates to ``proxy.broker``. mitmproxy logs an
-exception raised by a hook and carries on with the flow, which would forward the request
-unchecked, so every hook catches everything and answers with a refusal instead.
+Each hook is a few lines that copy what mitmproxy parsed into plain values and hand them to
+``proxy.pipeline``. mitmproxy logs an exception raised by a hook and carries on with the flow,
+which would forward the request unchecked (or open the tunnel), so every hook runs inside one
+guard: any exception becomes a JSON refusal and exactly one audit record, never a forwarded
+request.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import logging
 import traceback
-from typing import Any
+import weakref
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
+from mitmproxy import flow as mflow
 from mitmproxy import http, tcp
 from mitmproxy.proxy import server_hooks
 
-from proxy.broker import Broker, Exchange, check_authority
-from proxy.egress import Egress
+from proxy.audit.event import RequestRecord
+from proxy.authority import Target
 from proxy.errors import KeylessError
-from proxy.model import Attestation, Source
-from proxy.paths import check_path
-from proxy.trust import Caller
-from proxy.trust.evidence import caller_evidence
+from proxy.pipeline import Connection, Exchange, Pipeline, RequestView
 
 log = logging.getLogger("keyless")
 
 _STATE = "keyless"
 DECISION_HEADER = "Keyless-Decision-Id"
+
+F = TypeVar("F", bound=mflow.Flow)
 
 
 def refusal(error: KeylessError, decision_id: str) -> http.Response:
@@ -37,7 +43,7 @@ def refusal(error: KeylessError, decision_id: str) -> http.Response:
     return http.Response.make(error.status, body, headers)
 
 
-def _internal(where: str, exc: BaseException) -> KeylessError:
+def internal(where: str, exc: BaseException) -> KeylessError:
     # Only the exception type and where it was raised: exception text (and the locals a
     # traceback formatter may show) can echo request data or a credential.
     frames = traceback.extract_tb(exc.__traceback__)
@@ -46,183 +52,220 @@ def _internal(where: str, exc: BaseException) -> KeylessError:
     return KeylessError("internal_error", f"internal error in {where}")
 
 
+def connection(conn: Any) -> Connection:
+    certs = conn.certificate_list
+    return Connection(id=conn.id, peer=conn.peername, local=conn.sockname, tls=conn.tls_established,
+                      sni=conn.sni, certificates=[c.to_cryptography() for c in certs] if certs else ())
+
+
+def view(req: http.Request) -> RequestView:
+    return RequestView(
+        method=req.method, scheme=req.scheme, host=req.host, port=req.port, path=req.path,
+        host_header=req.host_header,
+        authority=None if req.is_http2 or req.is_http3 else req.authority,
+        query=list(req.query.items(multi=True)) if "?" in req.path else [],
+        headers=list(req.headers.items(multi=True)),
+        proxy_authorization=req.headers.get_all("proxy-authorization"),
+    )
+
+
+def point_at(flow: http.HTTPFlow, dest: Target, transparent: bool) -> None:
+    """Dial, and tell the upstream, the canonical form the decision was made for.
+
+    The host setter also rewrites Host and ``:authority``, but without IPv6 brackets
+    (mitmproxy's ``url.hostport``), so the header is set again from the Target. In transparent
+    mode the dialled address is the kernel's and stays.
+    """
+    req = flow.request
+    if not transparent:
+        req.host = dest.host
+        if not flow.server_conn.connected:
+            # A tunnel's upstream TLS would otherwise get the client's SNI spelling.
+            flow.server_conn.sni = dest.host
+    if req.host_header is not None:
+        req.host_header = dest.host_header(req.scheme)
+
+
+def _upstream(req: http.Request) -> Callable[[str, int], None]:
+    def switch(host: str, port: int) -> None:
+        # Scheme and port first: the host setter rewrites the Host header from all three.
+        req.scheme, req.port, req.host = "https", port, host
+    return switch
+
+
+def guarded(where: str) -> Callable[[Callable[[KeylessAddon, F], Awaitable[None]]],
+                                    Callable[[KeylessAddon, F], Awaitable[None]]]:
+    """The one guard: whatever a hook raises ends in a refusal and one audit record."""
+    def wrap(hook: Callable[[KeylessAddon, F], Awaitable[None]]) -> Callable[[KeylessAddon, F], Awaitable[None]]:
+        @functools.wraps(hook)
+        async def run(self: KeylessAddon, flow: F) -> None:
+            try:
+                await hook(self, flow)
+            except KeylessError as e:
+                self.refuse(flow, e)
+            except asyncio.CancelledError:
+                # Shutdown cancelled the hook mid-way: nothing may leave half-decided.
+                self.refuse(flow, KeylessError("internal_error", f"{where} was cancelled"))
+                raise
+            except Exception as e:  # noqa: BLE001 - fail closed on anything
+                self.refuse(flow, internal(where, e))
+        return run
+    return wrap
+
+
 class KeylessAddon:
-    def __init__(self, broker: Broker) -> None:
-        self.broker = broker
-        # CONNECT authority per client connection: the tunnel's inner requests must match it.
-        self._tunnels: dict[str, tuple[str, int]] = {}
-        # What the CONNECT's Proxy-Authorization proved, kept for the requests inside the tunnel.
-        self._carried: dict[str, tuple[Attestation, ...]] = {}
-        listen = broker.config.listen
-        self.egress = Egress(broker.config.egress, [(listen.address, listen.port)])
-        self.transparent = listen.mode == "transparent"
-        # Upstream (host, port) pairs an allowed request asked for, per client connection:
-        # server_connect opens nothing else.
-        self._allowed: dict[str, set[tuple[str, int]]] = {}
-        # Decision ids of requests not yet audited: what a SIGTERM drain waits for.
-        self.inflight: set[str] = set()
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+        # While a server connection dials: the name it was opened for, and its reserved dial name.
+        self._dialling: weakref.WeakKeyDictionary[Any, tuple[tuple[str, int], str]] = weakref.WeakKeyDictionary()
 
-    def _refuse(self, flow: http.HTTPFlow, ex: Exchange, error: KeylessError) -> None:
-        ex.error = error
-        flow.response = refusal(error, ex.decision_id)
+    @property
+    def inflight(self) -> set[str]:
+        return self.pipeline.inflight
 
-    def _caller(self, flow: http.HTTPFlow) -> Caller:
-        conn = flow.client_conn
-        return caller_evidence(
-            # In transparent mode mitmproxy reports the original destination as sockname, which
-            # is what the client's own socket names as its remote end: the match stays exact.
-            peer=conn.peername, local=conn.sockname, connection_id=conn.id,
-            proxy_authorization=flow.request.headers.get_all("proxy-authorization"),
-            certificates=[c.to_cryptography() for c in conn.certificate_list],
-            carried=self._carried.get(conn.id, ()),
-        )
+    def _exchange(self, flow: mflow.Flow) -> Exchange:
+        ex: Exchange | None = flow.metadata.get(_STATE)
+        if ex is None:
+            ex = self.pipeline.begin(flow.client_conn.peername)
+            flow.metadata[_STATE] = ex
+        return ex
 
+    def refuse(self, flow: mflow.Flow, error: KeylessError) -> None:
+        """Answer ``flow`` with ``error`` (or cut it) and write its one record. Never raises."""
+        try:
+            ex = self._exchange(flow)
+            self.pipeline.refuse(ex, error)
+            status: int | None = error.status
+            if isinstance(flow, http.HTTPFlow) and not (flow.response is not None and flow.response.stream):
+                flow.response = refusal(error, ex.decision_id)
+            else:
+                # A streamed response already has its head on the wire, and a raw TCP flow has
+                # no HTTP to answer with: cut the connection instead.
+                flow.kill()
+                status = None
+            self._audit(ex, status)
+        except Exception as e:  # noqa: BLE001 - the last line of defence: never let the flow go on
+            log.error("refusal failed: %s", type(e).__name__)
+            if flow.killable:
+                flow.kill()
+
+    def _audit(self, ex: Exchange, status: int | None) -> None:
+        try:
+            self.pipeline.finish(ex, status)
+        except Exception as e:  # noqa: BLE001 - an audit failure must be loud, not fatal to the loop
+            log.error("audit sink failed: %s", type(e).__name__)
+
+    @guarded("http_connect")
     async def http_connect(self, flow: http.HTTPFlow) -> None:
-        tunnel = (flow.request.host, flow.request.port)
-        if "proxy-authorization" not in flow.request.headers:
-            self._tunnels[flow.client_conn.id] = tunnel
-            return
-        # Attest once, on the CONNECT: inside the tunnel the client sends no Proxy-Authorization.
-        addr = flow.client_conn.peername
-        ex = Exchange(Source(str(addr[0]), int(addr[1])))
-        try:
-            identity = await self.broker.attest(self._caller(flow))
-            self._carried[flow.client_conn.id] = identity.attestations
-            # Only a CONNECT that succeeds opens a tunnel: a refused one leaves the connection
-            # usable for plain proxy requests.
-            self._tunnels[flow.client_conn.id] = tunnel
-            return
-        except KeylessError as e:
-            error = e
-        except Exception as e:  # noqa: BLE001 - fail closed on anything
-            error = _internal("http_connect", e)
-        # A refused CONNECT never reaches the response hook: audit it here.
+        ex = self._exchange(flow)
         req = flow.request
-        self.broker.describe_request(ex, req.method, req.scheme, req.host, req.port, "")
-        self._refuse(flow, ex, error)
-        self._audit(ex, error.status)
+        tunnel = await self.pipeline.open_tunnel(ex, connection(flow.client_conn), req.host, req.port,
+                                                 req.headers.get_all("proxy-authorization"))
+        # mitmproxy dials (request.host, request.port) after this hook: the canonical address.
+        req.host, req.authority = tunnel.host, tunnel.authority
 
-    def client_disconnected(self, client: Any) -> None:
-        self._tunnels.pop(client.id, None)
-        self._carried.pop(client.id, None)
-        self._allowed.pop(client.id, None)
-
-    async def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
-        # Runs before any byte reaches the upstream; setting server.error aborts the connection.
-        try:
-            self.egress.check_connect(data.server.address, self._allowed.get(data.client.id, set()))
-            assert data.server.address is not None
-            await self.egress.check_addresses(data.server.address)
-        except KeylessError as e:
-            log.warning("refused upstream connection from %s: %s", data.client.peername, e.message)
-            data.server.error = f"keyless: {e.message}"
-        except Exception as e:  # noqa: BLE001
-            data.server.error = f"keyless: {_internal('server_connect', e).message}"
-
+    @guarded("requestheaders")
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
-        addr = flow.client_conn.peername
-        ex = Exchange(Source(str(addr[0]), int(addr[1])))
-        flow.metadata[_STATE] = ex
-        self.inflight.add(ex.decision_id)
-        req = flow.request
-        try:
-            self.broker.describe_request(ex, req.method, req.scheme, req.host, req.port, req.path)
-            host = req.host
-            if self.transparent:
-                # req.host is the original destination address; the policy sees the name.
-                ex.request["destination"] = {"address": req.host, "port": req.port}
-                host = await self.egress.transparent_host(
-                    dst=(req.host, req.port), tls=flow.client_conn.tls_established, sni=flow.client_conn.sni,
-                    host_header=req.host_header)
-                ex.request["host"] = host
-            ex.identity = await self.broker.attest(self._caller(flow))
-            check_authority(
-                scheme=req.scheme, host=host, port=req.port, host_header=req.host_header,
-                connect=self._tunnels.get(flow.client_conn.id), tls=flow.client_conn.tls_established,
-                sni=flow.client_conn.sni, authority=None if req.is_http2 or req.is_http3 else req.authority,
-            )
-            if not (req.is_http2 or req.is_http3):
-                # Forward in origin-form so the upstream routes on the Host header that was checked.
-                req.authority = ""
-            check_path(req.path)
-            doc = self.broker.policy_input(
-                ex, method=req.method, scheme=req.scheme, host=host, port=req.port, path=req.path,
-                query=list(req.query.items(multi=True)) if "?" in req.path else [],
-                headers=list(req.headers.items(multi=True)),
-                destination=ex.request["destination"] if self.transparent else None,
-            )
-            await self.broker.decide(ex, doc)
-        except KeylessError as e:
-            self._refuse(flow, ex, e)
-        except Exception as e:  # noqa: BLE001 - fail closed on anything
-            self._refuse(flow, ex, _internal("requestheaders", e))
+        ex = self._exchange(flow)
+        req, conn = flow.request, connection(flow.client_conn)
+        await self.pipeline.decide(ex, conn, view(req))
+        if ex.target is None:
+            raise KeylessError("internal_error", "decided without a canonical target")
+        point_at(flow, ex.target, self.pipeline.transparent)
+        if not (req.is_http2 or req.is_http3):
+            # Forward in origin-form so the upstream routes on the Host header that was checked.
+            req.authority = ""
+        if not self.pipeline.needs_body(ex):
+            # Nothing left to decide on the body: inject now and let it stream to the upstream.
+            await self.pipeline.forward(ex, conn, req, _upstream(req))
+            req.stream = True
 
+    @guarded("request")
     async def request(self, flow: http.HTTPFlow) -> None:
         ex: Exchange | None = flow.metadata.get(_STATE)
         if ex is None:
             # requestheaders did not run for this flow: never forward what was not decided.
-            ex = Exchange(Source("", 0))
-            flow.metadata[_STATE] = ex
-            self._refuse(flow, ex, KeylessError("internal_error", "request reached Keyless undecided"))
+            raise KeylessError("internal_error", "request reached Keyless undecided")
+        if ex.refused or ex.forwarded:
             return
-        if ex.refused or flow.response is not None:
-            return
+        await self.pipeline.forward(ex, connection(flow.client_conn), flow.request, _upstream(flow.request))
+
+    async def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+        # Runs before any byte reaches the upstream; setting server.error aborts the connection.
         try:
-            req, client = flow.request, flow.client_conn
-            name = str(ex.request.get("host", req.host))
-            upgrade = self.egress.origination(name, req.port, req.scheme)
-            if upgrade is not None:
-                # Scheme and port first: the host setter rewrites the Host header from all three.
-                req.scheme, req.port, req.host = "https", upgrade.upstream_port, upgrade.host
-                ex.request["upstream"] = f"https://{upgrade.host}:{upgrade.upstream_port}"
-            assert ex.decision is not None
-            self.egress.check_injection(
-                credential=ex.decision.credential, scheme=req.scheme, host=name, port=req.port,
-                transparent_tls_without_sni=self.transparent and client.tls_established and not client.sni)
-            await self.broker.inject(ex, req)
-            self._allowed.setdefault(client.id, set()).add(Egress.allow_key(req.host, req.port))
+            pin = self.pipeline.check_upstream(data.client.id, data.server.address)
+            name = data.server.address
+            if name is None:
+                raise KeylessError("forbidden", "upstream connection without a destination")
+            # mitmproxy dials server.address with asyncio.open_connection, which would resolve the
+            # name again: give it a reserved name that only the pin's checked addresses answer
+            # (egress.DialNames). SNI and the certificate check use server.sni, which mitmproxy
+            # set to the name (set it here if not, as tls_start_server would).
+            if data.server.tls and data.server.sni is None:
+                data.server.sni = data.client.sni or name[0]
+            egress = self.pipeline.egress
+            dial = egress.dial_names.name_for(pin)
+            data.server.address = (dial, pin.port)
+            self._dialling[data.server] = (name, dial)
         except KeylessError as e:
-            self._refuse(flow, ex, e)
-        except Exception as e:  # noqa: BLE001
-            self._refuse(flow, ex, _internal("request", e))
+            log.warning("refused upstream connection from %s: %s", data.client.peername, e.message)
+            data.server.error = f"keyless: {e.message}"
+        except Exception as e:  # noqa: BLE001 - fail closed on anything
+            data.server.error = f"keyless: {internal('server_connect', e).message}"
 
-    def responseheaders(self, flow: http.HTTPFlow) -> None:
-        ex: Exchange | None = flow.metadata.get(_STATE)
-        if ex is not None and flow.response is not None:
+    def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
+        # Back to the name: mitmproxy reuses a connection whose address equals the request's
+        # (host, port), so it keeps serving that name only, and only from the checked address.
+        self._restore_name(data)
+
+    def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
+        self._restore_name(data)
+
+    def _restore_name(self, data: server_hooks.ServerConnectionHookData) -> None:
+        dialled = self._dialling.pop(data.server, None)
+        if dialled is not None:
+            name, dial = dialled
+            self.pipeline.egress.dial_names.forget(dial)
+            # Server.__setattr__ refuses a new address on an open connection, because changing it
+            # would not move the socket; here it must not move: the socket stays on the checked
+            # address (peername) and only the label that reuse matches on goes back to the name.
+            object.__setattr__(data.server, "address", name)
+
+    @guarded("responseheaders")
+    async def responseheaders(self, flow: http.HTTPFlow) -> None:
+        ex = self._exchange(flow)
+        if flow.response is not None:
             flow.response.headers[DECISION_HEADER] = ex.decision_id
 
-    def response(self, flow: http.HTTPFlow) -> None:
-        ex: Exchange | None = flow.metadata.get(_STATE)
-        if ex is not None and flow.response is not None:
+    @guarded("response")
+    async def response(self, flow: http.HTTPFlow) -> None:
+        ex = self._exchange(flow)
+        if flow.response is not None:
             flow.response.headers[DECISION_HEADER] = ex.decision_id
+            self.pipeline.note_upstream(ex, flow.server_conn.peername if flow.server_conn else None)
             self._audit(ex, flow.response.status_code)
 
-    def error(self, flow: http.HTTPFlow) -> None:
+    @guarded("error")
+    async def error(self, flow: http.HTTPFlow) -> None:
         ex: Exchange | None = flow.metadata.get(_STATE)
         if ex is None:
             return
-        if ex.error is None and flow.error is not None:
+        if flow.error is not None:
             # Not a refusal: the request was allowed but the client or the upstream went away.
-            ex.failure = flow.error.msg
+            self.pipeline.fail(ex, flow.error.msg)
+        self.pipeline.note_upstream(ex, flow.server_conn.peername if flow.server_conn else None)
         self._audit(ex, flow.response.status_code if flow.response else None)
 
-    def tcp_start(self, flow: tcp.TCPFlow) -> None:
+    @guarded("tcp_start")
+    async def tcp_start(self, flow: tcp.TCPFlow) -> None:
         # Keyless brokers HTTP only; a raw tunnel would carry traffic no policy has seen.
-        flow.kill()
         # kill() alone does not stop mitmproxy's TCP layer: it still opens the server connection
         # and relays the bytes. A connection marked with an error is never opened.
         flow.server_conn.error = "non-HTTP traffic is not relayed"
-        addr = flow.client_conn.peername
-        ex = Exchange(Source(str(addr[0]), int(addr[1])))
+        ex = self._exchange(flow)
         server = flow.server_conn.address
-        ex.request = {"method": None, "scheme": "tcp", "host": server[0] if server else None,
-                      "port": server[1] if server else None, "path": None}
-        ex.error = KeylessError("bad_request", "non-HTTP traffic is not relayed")
-        self._audit(ex, None)
+        ex.request = RequestRecord(None, "tcp", server[0] if server else None, server[1] if server else None, None)
+        raise KeylessError("bad_request", "non-HTTP traffic is not relayed")
 
-    def _audit(self, ex: Exchange, status: int | None) -> None:
-        self.inflight.discard(ex.decision_id)
-        try:
-            self.broker.audit(ex, status)
-        except Exception as e:  # noqa: BLE001 - an audit failure must be loud, not fatal to the loop
-            log.error("audit sink failed: %s", type(e).__name__)
+    def client_disconnected(self, client: Any) -> None:
+        self.pipeline.disconnected(client.id)

@@ -14,6 +14,7 @@ STATUS: Final[dict[str, int]] = {
     "attestation_failed": 407,
     "misdirected_request": 421,
     "internal_error": 500,
+    "upstream_unreachable": 502,
     "policy_unavailable": 503,
     "credential_unavailable": 503,
 }

@@ -13,12 +13,12 @@ from pathlib import Path
 from aiohttp import web
 
 from proxy.audit import AuditSink, JsonLinesSink
-from proxy.broker import Broker
 from proxy.ca import ensure_ca
 from proxy.config import Config
 from proxy.credentials import CredentialProvider
 from proxy.errors import ConfigError
 from proxy.model import set_fingerprint_key
+from proxy.pipeline import Pipeline
 from proxy.policy import PolicyEngine
 from proxy.policy.embedded import EmbeddedEngine, PolicyLoadError
 from proxy.policy.runtime import PolicyRuntime, build_policy
@@ -57,12 +57,13 @@ def prepare(config: Config) -> Prepared:
     credentials: dict[str, CredentialProvider] = {}
     if signer is not None:
         try:
-            trust, credentials = Broker.build_plugins(config, signer)
+            trust, credentials = Pipeline.build_plugins(config, signer)
         except ConfigError as e:
             problems.extend(e.problems)
     if problems:
         raise ConfigError(problems)
-    assert signer is not None and policy is not None
+    if signer is None or policy is None:
+        raise RuntimeError("invariant broken: no signer or policy without a problem")
     set_fingerprint_key(signer.derived_key(b"audit-fingerprint"))
     return Prepared(config, signer, policy.engine, trust, credentials, policy)
 
@@ -126,10 +127,10 @@ async def serve(prep: Prepared, *, reuse_port: bool = False) -> int:
 
         publish_ca(ca_cert, config.tls.publish_ca)
     sink: AuditSink = JsonLinesSink(config.audit.path)
-    broker = Broker(config, prep.engine, prep.signer, sink, prep.trust, prep.credentials)
+    pipeline = Pipeline(config, prep.engine, prep.signer, sink, prep.trust, prep.credentials)
     policy = prep.policy
     if policy is not None and policy.posture is not None:
-        broker.posture = policy.posture.lookup
+        pipeline.posture = policy.posture.lookup
 
     master = Master(options.Options())
     ready = asyncio.Event()
@@ -142,7 +143,7 @@ async def serve(prep: Prepared, *, reuse_port: bool = False) -> int:
     # could answer or rewrite a request behind Keyless's back.
     master.addons.add(
         core.Core(), proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig(),
-        errorcheck.ErrorCheck(repeat_errors_on_stderr=True), keyless_addon := KeylessAddon(broker), Ready(),
+        errorcheck.ErrorCheck(repeat_errors_on_stderr=True), keyless_addon := KeylessAddon(pipeline), Ready(),
     )
     # Options belong to the addons that define them, so they are set once all are loaded.
     master.options.update(

@@ -77,7 +77,8 @@ class Upstream:
             return web.json_response({"ok": status < 400, "path": request.path}, status=status)
 
         async def main() -> None:
-            app = web.Application()
+            # Large enough for the upload tests (aiohttp's default is 1 MiB).
+            app = web.Application(client_max_size=128 * 1024 * 1024)
             app.router.add_route("*", "/{tail:.*}", handle)
             self._runner = web.AppRunner(app, access_log=None)
             await self._runner.setup()

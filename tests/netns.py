@@ -28,10 +28,13 @@ from tests.harness import REPO
 KEYLESS_UID = 10001  # the uid the Dockerfile runs as and `keyless iptables` excludes
 
 
-def skip_reason() -> str | None:
+TOOLS = ("ip", "iptables", "ip6tables", "curl", "setpriv")
+
+
+def skip_reason(tools: tuple[str, ...] = TOOLS) -> str | None:
     if os.geteuid() != 0:
         return "network-namespace tests need root (ip netns, iptables)"
-    for tool in ("ip", "iptables", "ip6tables", "curl", "setpriv"):
+    for tool in tools:
         if shutil.which(tool) is None:
             return f"network-namespace tests need {tool!r} (CI installs it in .ci/run)"
     probe = f"klprobe{secrets.token_hex(3)}"
@@ -42,8 +45,8 @@ def skip_reason() -> str | None:
     return None
 
 
-def require_netns() -> None:
-    reason = skip_reason()
+def require_netns(tools: tuple[str, ...] = TOOLS) -> None:
+    reason = skip_reason(tools)
     if reason:
         pytest.skip(reason)
 

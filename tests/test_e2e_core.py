@@ -493,6 +493,8 @@ def test_audit_record_fields(env: Env) -> None:
     assert rec["source"]["address"] == "127.0.0.1" and isinstance(rec["source"]["port"], int)
     assert rec["identity"]["id"] == BILLING
     assert rec["identity"]["attestations"][0]["provider"] == "loopback"
+    # upstream_address: the address Keyless dialled for the name (the checked, pinned answer).
+    assert rec["request"].pop("upstream_address") == {"address": "127.0.0.1", "port": env.upstream.https_port}
     assert rec["request"] == {"method": "GET", "scheme": "https", "host": "localhost",
                               "port": env.upstream.https_port, "path": "/v1/fields"}
     assert rec["decision"]["allow"] is True and rec["decision"]["credential"] == "file-key"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -184,7 +185,8 @@ def test_regular_mode_refuses_credential_on_cleartext_hop(tmp_path: Path, upstre
 def test_refused_networks_stop_metadata_and_link_local_destinations() -> None:
     async def resolve(host: str, port: int) -> list[str]:
         # A stand-in for DNS: a name that points at the instance metadata service.
-        return {"metadata.example": ["169.254.169.254"], "api.example": ["10.0.0.2"]}.get(host, [])
+        return {"metadata.example": ["169.254.169.254"], "api.example": ["10.0.0.2"],
+                "localhost": ["127.0.0.1"]}.get(host, [])
 
     e = Egress(EgressConfig(), [("127.0.0.1", 15001)], resolve)
     for address in (("metadata.example", 80), ("169.254.169.254", 80), ("fe80::1", 443)):
@@ -203,14 +205,17 @@ def test_refused_networks_end_to_end(tmp_path: Path, upstream: Upstream) -> None
         "workload-jwt": {"type": "jwt"}})
     k = Keyless(tmp_path, cfg).start()
     try:
-        out = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-x", k.proxy_url,
+        out = subprocess.run(["curl", "-s", "-w", "\n%{http_code}", "-x", k.proxy_url,
                               f"http://127.0.0.1:{upstream.http_port}/v1/x"], capture_output=True, text=True,
                              timeout=30)
-        assert out.stdout == "502"
+        body, status = out.stdout.rsplit("\n", 1)
+        # Refused before the credential is minted or a connection exists: Keyless's own JSON answer.
+        assert status == "403" and json.loads(body)["error"] == "forbidden"
         records = wait_for_audit(k, 1)
     finally:
         k.stop()
     assert upstream.received == []
+    assert records[-1]["outcome"]["error"] == "forbidden"
     assert "refused_networks" in records[-1]["outcome"]["message"]
 
 

@@ -14,10 +14,10 @@ import pytest
 import requests
 import yaml
 
-from proxy.broker import Broker, Exchange
 from proxy.config import load_config
 from proxy.errors import KeylessError
 from proxy.model import Attestation, Identity, Source
+from proxy.pipeline import Exchange, Pipeline
 from proxy.policy.cache import CachingEngine, cache_key, vary_key
 from proxy.policy.embedded import EmbeddedEngine
 from proxy.policy.input import INPUT_FIELDS, path_template
@@ -38,7 +38,7 @@ def full_input(tmp_path: Path) -> dict[str, Any]:
     """An input as the broker builds it with every optional part present."""
     cfg = base_config(tmp_path, listen={"address": "127.0.0.1", "port": 18080, "mode": "regular"})
     (tmp_path / "keyless.yaml").write_text(yaml.safe_dump(cfg))
-    broker = Broker(load_config(tmp_path / "keyless.yaml"), None, None, None, [], {})  # type: ignore[arg-type]
+    broker = Pipeline(load_config(tmp_path / "keyless.yaml"), None, None, None, [], {})  # type: ignore[arg-type]
     broker.posture = lambda _id: {"workload": {"status": "pass", "critical_vulns": 0}, "stale": False,
                                   "age_seconds": 1.5}
     ex = Exchange(Source("10.0.3.7", 50312))

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from mitmproxy import http
 
-from proxy.broker import check_authority, split_host_header
+from proxy.authority import check_authority, parse_authority, target
 from proxy.config import DEFAULT_STRIP_HEADERS, StripConfig, load_config, parse_config
 from proxy.confread import Section
 from proxy.credentials import render
@@ -26,41 +26,16 @@ from proxy.policy.result import parse_decision
 from proxy.strip import strip_credentials
 from tests.harness import REPO
 
-# --- split_host_header -------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(("value", "default", "expected"), [
-    ("example.com", 80, ("example.com", 80)),
-    ("Example.COM:8443", 443, ("example.com", 8443)),
-    ("example.com.", 443, ("example.com", 443)),
-    (" localhost:8080 ", 80, ("localhost", 8080)),
-    ("[::1]:8443", 443, ("::1", 8443)),
-    ("[::1]", 443, ("::1", 443)),
-    ("127.0.0.1:80", 443, ("127.0.0.1", 80)),
-    ("a:", 80, ("a", 80)),
-])
-def test_split_host_header(value: str, default: int, expected: tuple[str, int]) -> None:
-    assert split_host_header(value, default) == expected
-
-
-@pytest.mark.parametrize("value", ["", ":80", "[::1", "[::1]x", "[::1]:", "a:b", "a:0", "a:65536", "a:-1",
-                                   "a:8o"])
-def test_split_host_header_rejects(value: str) -> None:
-    # "[::1]:" is the one odd case: an empty port after a bracket means the default port.
-    if value == "[::1]:":
-        assert split_host_header(value, 443) == ("::1", 443)
-        return
-    assert split_host_header(value, 80) is None
-
-
 # --- check_authority ---------------------------------------------------------------------------
 
 
 def authority(**kw: Any) -> None:
     args: dict[str, Any] = {"scheme": "https", "host": "api.example", "port": 443, "host_header": "api.example",
-                            "connect": ("api.example", 443), "tls": True, "sni": "api.example"}
+                            "connect": "api.example:443", "tls": True, "sni": "api.example"}
     args.update(kw)
-    check_authority(**args)
+    host, port, connect = args.pop("host"), args.pop("port"), args.pop("connect")
+    check_authority(target=target(host, port), connect=None if connect is None else parse_authority(connect, 443),
+                    **args)
 
 
 def refused(code: str, **kw: Any) -> str:
@@ -72,7 +47,7 @@ def refused(code: str, **kw: Any) -> str:
 
 def test_authority_all_agree() -> None:
     authority()
-    authority(host_header="API.Example:443", sni="Api.Example.", connect=("api.example.", 443))
+    authority(host_header="API.Example:443", sni="Api.Example.", connect="api.example.:443")
     authority(host_header=None)  # HTTP/2 without :authority mismatch has no Host header to compare
 
 
@@ -86,8 +61,8 @@ def test_authority_plain_http() -> None:
 
 
 def test_authority_connect_mismatch() -> None:
-    assert "tunnel" in refused("misdirected_request", connect=("other.example", 443))
-    refused("misdirected_request", connect=("api.example", 8443))
+    assert "tunnel" in refused("misdirected_request", connect="other.example:443")
+    refused("misdirected_request", connect="api.example:8443")
 
 
 def test_authority_sni_mismatch() -> None:
@@ -97,8 +72,8 @@ def test_authority_sni_mismatch() -> None:
 def test_authority_missing_sni() -> None:
     refused("misdirected_request", sni=None)
     # Clients send no SNI for an IP address; that is fine when the destination is an IP.
-    authority(host="10.0.0.1", connect=("10.0.0.1", 443), sni=None, host_header="10.0.0.1")
-    authority(host="::1", connect=("::1", 443), sni=None, host_header="[::1]:443")
+    authority(host="10.0.0.1", connect="10.0.0.1:443", sni=None, host_header="10.0.0.1")
+    authority(host="::1", connect="[::1]:443", sni=None, host_header="[::1]:443")
 
 
 def test_authority_host_header_mismatch_inside_tunnel() -> None:

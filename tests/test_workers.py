@@ -138,9 +138,13 @@ def test_audit_lines_stay_whole_across_processes(tmp_path: Path) -> None:
     path = tmp_path / "audit.log"
     # Separate interpreters rather than os.fork(): pytest's process has threads (upstream servers).
     writer = ("import sys\nfrom proxy.audit import JsonLinesSink\n"
+              "from proxy.audit.event import AuditEvent, Outcome, RequestRecord\n"
+              "from proxy.model import ANONYMOUS, Source\n"
               "sink = JsonLinesSink(sys.argv[1])\n"
               "for i in range(300):\n"
-              "    sink.emit({'writer': int(sys.argv[2]), 'i': i, 'pad': 'x' * 20000})\n"
+              "    sink.emit(AuditEvent(f'{sys.argv[2]}-{i}', '', Source('', 0), ANONYMOUS,\n"
+              "        RequestRecord('GET', 'https', 'h', 443, '/' + 'x' * 20000), None, '', '', None,\n"
+              "        Outcome(200), 0.0))\n"
               "sink.close()\n")
     repo = Path(__file__).resolve().parent.parent
     procs = [subprocess.Popen([sys.executable, "-c", writer, str(path), str(n)], cwd=repo) for n in range(2)]
@@ -148,5 +152,5 @@ def test_audit_lines_stay_whole_across_processes(tmp_path: Path) -> None:
         assert proc.wait(60) == 0
     lines = path.read_text().splitlines()
     assert len(lines) == 600
-    seen = sorted((d["writer"], d["i"]) for d in map(json.loads, lines))
+    seen = sorted(tuple(map(int, d["decision_id"].split("-"))) for d in map(json.loads, lines))
     assert seen == [(n, i) for n in range(2) for i in range(300)]

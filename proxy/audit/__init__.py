@@ -6,11 +6,13 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
+
+from proxy.audit.event import AuditEvent
 
 
 class AuditSink(Protocol):
-    def emit(self, record: dict[str, Any]) -> None:
+    def emit(self, event: AuditEvent) -> None:
         """Write one terminal record for one request. Called exactly once per request."""
         ...
 
@@ -36,11 +38,11 @@ class JsonLinesSink:
         else:
             self._fd = sys.stdout.fileno()
 
-    def emit(self, record: dict[str, Any]) -> None:
+    def emit(self, event: AuditEvent) -> None:
         # Straight to the descriptor (stdout too): one write(2) per record, not TextIOWrapper's
         # chunks, so records from several workers sharing a pipe stay whole up to PIPE_BUF and
         # nothing sits in a Python buffer at exit.
-        data = (_dumps(record) + "\n").encode()
+        data = (_dumps(event.as_record()) + "\n").encode()
         while data:  # a regular file takes it whole; the loop covers a full disk's short write
             data = data[os.write(self._fd, data):]
 

@@ -8,13 +8,13 @@ a request never leaves with no credential or a stale one.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol
+from typing import Protocol
 
 from proxy.confread import Section
 from proxy.credentials.http import HttpClients
 from proxy.model import Grant, GrantContext, OutboundRequest
+from proxy.plugins import PluginSpec
 from proxy.signing import Signer
 
 
@@ -39,22 +39,19 @@ class CredentialProvider(Protocol):
         ...
 
 
-class CredentialSpec(NamedTuple):
-    parse: Callable[[Section], Any]
-    # May raise ConfigError (a missing secret): ``keyless check`` reports it with the rest.
-    create: Callable[[str, Any, Runtime], CredentialProvider]
+CredentialSpec = PluginSpec[CredentialProvider]
 
 
 def _registry() -> dict[str, CredentialSpec]:
     from proxy.credentials import aws_sigv4, github_app, jwt, oauth2, static, token_exchange
 
     return {
-        "static": CredentialSpec(static.parse, static.StaticCredential),
-        "jwt": CredentialSpec(jwt.parse, jwt.JwtCredential),
-        "oauth2": CredentialSpec(oauth2.parse, oauth2.OAuth2Credential),
-        "token_exchange": CredentialSpec(token_exchange.parse, token_exchange.TokenExchangeCredential),
-        "aws_sigv4": CredentialSpec(aws_sigv4.parse, aws_sigv4.AwsSigV4Credential),
-        "github_app": CredentialSpec(github_app.parse, github_app.GitHubAppCredential),
+        "static": PluginSpec(static.parse, static.StaticCredential),
+        "jwt": PluginSpec(jwt.parse, jwt.JwtCredential),
+        "oauth2": PluginSpec(oauth2.parse, oauth2.OAuth2Credential),
+        "token_exchange": PluginSpec(token_exchange.parse, token_exchange.TokenExchangeCredential),
+        "aws_sigv4": PluginSpec(aws_sigv4.parse, aws_sigv4.AwsSigV4Credential, requires_request_body=True),
+        "github_app": PluginSpec(github_app.parse, github_app.GitHubAppCredential),
     }
 
 

@@ -32,6 +32,7 @@ from botocore.auth import S3SigV4Auth, SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import ReadOnlyCredentials
 
+from proxy.authority import canonical_host, config_host
 from proxy.confread import Section
 from proxy.credentials import Runtime
 from proxy.credentials.cache import CachePolicy, FetchError, Token, TokenCache
@@ -88,7 +89,7 @@ def parse(s: Section) -> AwsOptions:
     for i, item in enumerate(raw):
         e = Section(item, s.key_path(f"endpoints[{i}]"), s.problems, s.base_dir)
         endpoints.append(Endpoint(
-            host=(e.text("host") or "").lower(), port=e.integer("port", 443, lo=1, hi=65535),
+            host=config_host(e) or "", port=e.integer("port", 443, lo=1, hi=65535),
             service=e.text("service"), region=e.text("region", region),
             unsigned_payload=e.flag("unsigned_payload", False)))
         e.done()
@@ -179,7 +180,8 @@ class AwsSigV4Credential:
         return parse_sts(body, started)
 
     def endpoint_for(self, host: str, port: int, scheme: str) -> Endpoint:
-        endpoint = self._endpoints.get((host.lower().rstrip("."), port))
+        # ctx.host is canonical already; canonical again so that any caller's spelling matches.
+        endpoint = self._endpoints.get((canonical_host(host), port))
         if endpoint is None:
             raise KeylessError("credential_unavailable",
                                f"{host}:{port} is not an AWS endpoint this credential signs for",

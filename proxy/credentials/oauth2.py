@@ -132,7 +132,8 @@ class OAuthClient:
             if raw is None:
                 raise env_missing(o.secret_env)
             return check_secret(raw)
-        assert o.secret_file is not None
+        if o.secret_file is None:
+            raise RuntimeError("invariant broken: o.secret_file is None")
         try:
             return check_secret(o.secret_file.read_text())
         except OSError as e:
@@ -147,7 +148,8 @@ class OAuthClient:
         if self._token_url is not None:
             return self._token_url
         issuer = self.options.issuer
-        assert issuer is not None
+        if issuer is None:
+            raise RuntimeError("invariant broken: issuer is None")
         session = self.runtime.http.session(self.options.ca_file)
         doc = await request_json(session, "GET", issuer.rstrip("/") + "/.well-known/openid-configuration",
                                  what="OIDC discovery")

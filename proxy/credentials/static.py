@@ -95,13 +95,15 @@ class StaticCredential:
             self._value = check_secret(self._store.fetch())
             return
         if o.source == "env":
-            assert o.env is not None
+            if o.env is None:
+                raise RuntimeError("invariant broken: o.env is None")
             raw = os.environ.get(o.env)
             if raw is None:
                 raise env_missing(o.env)
             self._value = check_secret(raw)
             return
-        assert o.file is not None
+        if o.file is None:
+            raise RuntimeError("invariant broken: o.file is None")
         try:
             st = o.file.stat()
             raw = o.file.read_text()

@@ -107,7 +107,8 @@ class TokenExchangeCredential:
         o = self.options
         scopes = param_scopes(ctx, o.scopes, self.label)
         token_type = param_text(ctx, "requested_token_type", o.requested_token_type, self.label)
-        assert token_type is not None
+        if token_type is None:
+            raise RuntimeError("invariant broken: token_type is None")
         caller_token = None
         if o.subject != "minted":
             caller_token = next((a.evidence for a in ctx.identity.attestations

@@ -76,7 +76,8 @@ class Posture:
                 self._seen_mtime = st.st_mtime_ns
                 read_at = st.st_mtime
             else:
-                assert self.options.url is not None
+                if self.options.url is None:
+                    raise RuntimeError("invariant broken: self.options.url is None")
                 with urllib.request.urlopen(self.options.url, timeout=5) as resp:  # noqa: S310 - http(s), checked
                     workloads, generated = parse_posture(resp.read().decode(), self.options.url)
                 read_at = self._clock()

@@ -168,7 +168,8 @@ class ReloadingEngine:
 
     async def check_once(self) -> bool:
         """Look for a new version once; True when one was swapped in."""
-        assert self.loader is not None
+        if self.loader is None:
+            raise RuntimeError("invariant broken: self.loader is None")
         try:
             source = await asyncio.to_thread(self.loader.changed)
             if source is None:

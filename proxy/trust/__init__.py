@@ -7,12 +7,11 @@ raises ``KeylessError("attestation_failed", ...)`` when evidence is present but 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol
+from typing import Protocol
 
-from proxy.confread import Section
 from proxy.model import Attestation
+from proxy.plugins import PluginSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,19 +46,17 @@ class TrustProvider(Protocol):
         ...
 
 
-class TrustSpec(NamedTuple):
-    parse: Callable[[Section], Any]
-    create: Callable[[str, Any], TrustProvider]
+TrustSpec = PluginSpec[TrustProvider]
 
 
 def _registry() -> dict[str, TrustSpec]:
     from proxy.trust import jwt, mtls, process, source_ip
 
     return {
-        "source_ip": TrustSpec(source_ip.parse, source_ip.SourceIpProvider),
-        "jwt": TrustSpec(jwt.parse, jwt.JwtProvider),
-        "mtls": TrustSpec(mtls.parse, mtls.MtlsProvider),
-        "process": TrustSpec(process.parse, process.ProcessProvider),
+        "source_ip": PluginSpec(source_ip.parse, source_ip.SourceIpProvider),
+        "jwt": PluginSpec(jwt.parse, jwt.JwtProvider),
+        "mtls": PluginSpec(mtls.parse, mtls.MtlsProvider),
+        "process": PluginSpec(process.parse, process.ProcessProvider),
     }
 
 

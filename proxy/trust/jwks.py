@@ -171,7 +171,8 @@ class KeySet:
                 url = meta.get("jwks_uri")
                 if not isinstance(url, str) or not url.startswith("https://"):
                     raise KeySetError("discovery document has no https jwks_uri")
-            assert url is not None
+            if url is None:
+                raise RuntimeError("invariant broken: url is None")
             return await self._get(session, url)
 
     async def _get(self, session: aiohttp.ClientSession, url: str) -> Any:

@@ -1,0 +1,104 @@
+"""The audit event: one typed, immutable record per request, built once when the request ends.
+
+It is modelled on OPA's decision-log event. The event is data about what happened and nothing
+else: the pipeline never routes on it (it routes on ``proxy.pipeline.Exchange``), and sinks
+only serialise it. ``as_record`` is the public JSON contract: fields are added, never renamed.
+No header value, body or credential value has a field here to land in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from proxy.model import Decision, Grant, Identity, Source
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRecord:
+    """What was asked for: the canonical destination and the path without its query string
+    (query values may carry secrets)."""
+
+    method: str | None
+    scheme: str
+    host: str | None
+    port: int | None
+    path: str | None
+    # Transparent mode: the address the app dialled. TLS origination: where it really went.
+    destination: dict[str, Any] | None = None
+    upstream: str | None = None
+    # The address Keyless really dialled ({address, port}): the pinned, checked one.
+    upstream_address: dict[str, Any] | None = None
+
+    def as_record(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"method": self.method, "scheme": self.scheme, "host": self.host,
+                               "port": self.port, "path": self.path}
+        if self.destination is not None:
+            out["destination"] = self.destination
+        if self.upstream is not None:
+            out["upstream"] = self.upstream
+        if self.upstream_address is not None:
+            out["upstream_address"] = self.upstream_address
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How the request ended: the status the client saw and, unless it succeeded, a stable code."""
+
+    status: int | None
+    error: str | None = None
+    message: str | None = None
+    # policy_unavailable only: why no decision was made, and OPA's decision id if it answered.
+    reason: str | None = None
+    engine_decision_id: str | None = None
+
+    def as_record(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"status": self.status, "error": self.error, "message": self.message}
+        if self.reason is not None:
+            out["reason"] = self.reason
+            out["engine_decision_id"] = self.engine_decision_id
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    decision_id: str
+    time: str
+    source: Source
+    identity: Identity
+    request: RequestRecord
+    decision: Decision | None
+    # The decision rule and the engine's revision at the time (a decision carries its own).
+    policy: str
+    engine_revision: str
+    grant: Grant | None
+    outcome: Outcome
+    latency_ms: float
+    stripped: tuple[str, ...] = ()
+
+    @property
+    def revision(self) -> str:
+        d = self.decision
+        return d.revision if d is not None and d.revision else self.engine_revision
+
+    def as_record(self) -> dict[str, Any]:
+        d = self.decision
+        record: dict[str, Any] = {
+            "decision_id": self.decision_id,
+            "time": self.time,
+            "source": {"address": self.source.address, "port": self.source.port},
+            "identity": self.identity.as_input(),
+            "request": self.request.as_record(),
+            "decision": None if d is None else {
+                "allow": d.allow, "reason": d.reason, "credential": d.credential,
+                "policy": self.policy, "revision": self.revision,
+                "engine_decision_id": d.engine_decision_id, "cached": d.cached,
+            },
+            "policy_revision": self.revision,
+            "credential": None if self.grant is None else self.grant.as_audit(),
+            "stripped": list(self.stripped),
+            "outcome": self.outcome.as_record(),
+            "latency_ms": self.latency_ms,
+        }
+        return record

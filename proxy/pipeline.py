@@ -1,0 +1,363 @@
+"""The request path in security order, written once, as plain functions over typed values.
+
+    destination  the canonical Target (proxy.authority); in transparent mode the name behind the
+                 dialled address
+    attest       every trust provider, combined into one Identity
+    authority    CONNECT authority == TLS SNI == Host header == absolute-form target, else 421
+    path         no dot-segments that a server would normalise past a path-prefix grant
+    input        one builder (proxy.policy.input); the decision-cache key derives from it
+    decide       the engine's strictly parsed decision; a deny ends here
+    strip        whatever credential the app sent
+    inject       the credential the decision named, minted for the canonical name
+    forward      only to a connection an allowed request asked for (``check_upstream``)
+    audit        exactly one terminal record per request (``finish``)
+
+``proxy.addon`` is the only caller: it turns each mitmproxy hook into one of the methods below
+and wraps every hook in one guard, so any exception raised here becomes a refusal and one audit
+record. Nothing in this module imports mitmproxy.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from cryptography import x509
+
+from proxy.audit import AuditSink
+from proxy.audit.event import AuditEvent, Outcome, RequestRecord
+from proxy.authority import Target, check_authority, cut, target
+from proxy.config import Config
+from proxy.credentials import CREDENTIALS, CredentialProvider, Runtime
+from proxy.egress import Egress, Pin, describe_peer
+from proxy.errors import ConfigError, KeylessError
+from proxy.model import ANONYMOUS, Attestation, Decision, Grant, GrantContext, Identity, OutboundRequest, Source
+from proxy.paths import check_path
+from proxy.policy import PolicyEngine, PolicyUnavailable
+from proxy.policy.input import build_input
+from proxy.signing import Signer
+from proxy.strip import strip_credentials
+from proxy.trust import TRUST_PROVIDERS, Caller, TrustProvider
+from proxy.trust.combine import combine, merge_carried
+from proxy.trust.evidence import caller_evidence
+
+
+@dataclass(frozen=True, slots=True)
+class Connection:
+    """The client connection a request arrived on, as the pipeline needs it."""
+
+    id: str
+    peer: tuple[str, int]
+    # In transparent mode mitmproxy reports the original destination as the local end, which is
+    # what the client's own socket names as its remote end: process attestation matches on it.
+    local: tuple[str, int] | None
+    tls: bool
+    sni: str | None
+    certificates: Sequence[x509.Certificate] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RequestView:
+    """One request's head, copied out of mitmproxy once; everything the decision may read."""
+
+    method: str
+    scheme: str
+    host: str
+    port: int
+    path: str
+    host_header: str | None
+    # The request target's authority when the client sent absolute-form over HTTP/1 (None for
+    # HTTP/2 and HTTP/3, whose :authority mitmproxy already folded into host and port).
+    authority: str | None
+    query: Sequence[tuple[str, str]]
+    headers: Sequence[tuple[str, str]]
+    proxy_authorization: Sequence[str] = ()
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What is known about one request so far. The pipeline routes on it; at the end it
+    becomes one immutable AuditEvent."""
+
+    source: Source
+    decision_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    started: float = field(default_factory=time.perf_counter)
+    time: str = field(default_factory=lambda: _now_iso())
+    identity: Identity = ANONYMOUS
+    request: RequestRecord = field(default_factory=lambda: RequestRecord(None, "", None, None, None))
+    decision: Decision | None = None
+    grant: Grant | None = None
+    stripped: tuple[str, ...] = ()
+    error: KeylessError | None = None
+    failure: str | None = None
+    # The canonical destination the decision is for: the upstream is dialled at and told it.
+    target: Target | None = None
+    # Strip and inject have run: the request may leave (and must not be injected twice).
+    forwarded: bool = False
+    audited: bool = False
+
+    @property
+    def refused(self) -> bool:
+        return self.error is not None
+
+    @property
+    def host(self) -> str:
+        """The canonical name the decision was made for (credentials are minted for it)."""
+        return self.request.host or ""
+
+
+class Pipeline:
+    """One running Keyless's request path and the per-connection state it keeps."""
+
+    def __init__(self, config: Config, engine: PolicyEngine, signer: Signer, sink: AuditSink,
+                 trust: list[TrustProvider], credentials: dict[str, CredentialProvider],
+                 egress: Egress | None = None) -> None:
+        self.config = config
+        self.engine = engine
+        self.signer = signer
+        self.sink = sink
+        self.trust = trust
+        self.credentials = credentials
+        listen = config.listen
+        self.mode = listen.mode
+        self.transparent = listen.mode == "transparent"
+        self.egress = egress or Egress(config.egress, [(listen.address, listen.port)])
+        self._secret_headers = frozenset(config.strip.headers)
+        self._secret_params = frozenset(config.strip.query_params)
+        self._needs_body = frozenset(name for name, p in config.credentials.items()
+                                     if CREDENTIALS[p.type].requires_request_body)
+        # Posture by workload id for input.context.posture (set by the server when configured).
+        self.posture: Callable[[str | None], dict[str, Any]] | None = None
+        # Per client connection: the CONNECT authority its tunnel was opened for; what that
+        # CONNECT's Proxy-Authorization proved (inside the tunnel nothing is re-presented); and
+        # the upstream (host, port) pairs an allowed request asked for, each with the checked
+        # addresses it resolved to (nothing else is dialled, and never by name).
+        self._tunnels: dict[str, Target] = {}
+        self._carried: dict[str, tuple[Attestation, ...]] = {}
+        self._allowed: dict[str, dict[tuple[str, int], Pin]] = {}
+        # Decision ids of requests not yet audited: what a SIGTERM drain waits for.
+        self.inflight: set[str] = set()
+
+    @staticmethod
+    def build_plugins(config: Config, signer: Signer) -> tuple[list[TrustProvider], dict[str, CredentialProvider]]:
+        """Instantiate trust providers and credentials; raise ConfigError with every problem."""
+        problems: list[str] = []
+        trust = [TRUST_PROVIDERS[p.type].create(p.name, p.options) for p in config.trust]
+        runtime = Runtime(signer=signer)
+        credentials: dict[str, CredentialProvider] = {}
+        for name, p in config.credentials.items():
+            try:
+                credentials[name] = CREDENTIALS[p.type].create(name, p.options, runtime)
+            except ConfigError as e:
+                problems.extend(e.problems)
+        if problems:
+            raise ConfigError(problems)
+        return trust, credentials
+
+    # --- one request, in order ------------------------------------------------------------------
+
+    def begin(self, peer: tuple[str, int] | None) -> Exchange:
+        ex = Exchange(Source(str(peer[0]), int(peer[1])) if peer else Source("", 0))
+        self.inflight.add(ex.decision_id)
+        return ex
+
+    async def open_tunnel(self, ex: Exchange, conn: Connection, host: str, port: int,
+                          proxy_authorization: Sequence[str]) -> Target:
+        """A CONNECT: attest once (inside the tunnel no Proxy-Authorization is sent again).
+
+        Only a CONNECT that succeeds opens a tunnel: a refused one leaves the connection usable
+        for plain proxy requests, with nothing carried. Returns the canonical tunnel target,
+        which the caller must make the address mitmproxy dials.
+        """
+        ex.request = RequestRecord("CONNECT", "", cut(host), port, "")
+        tunnel = target(host, port)
+        ex.request = RequestRecord("CONNECT", "", tunnel.host, port, "")
+        if proxy_authorization:
+            identity = await self.attest(self._caller(conn, proxy_authorization))
+            self._carried[conn.id] = identity.attestations
+        self._tunnels[conn.id] = tunnel
+        # An open tunnel has no record of its own: each request inside it gets one.
+        self.inflight.discard(ex.decision_id)
+        return tunnel
+
+    async def decide(self, ex: Exchange, conn: Connection, view: RequestView) -> Decision:
+        """Everything up to and including the decision; raises KeylessError to refuse."""
+        # destination: the raw host (cut short) is recorded until it is known to parse
+        path = view.path.split("?", 1)[0]
+        ex.request = RequestRecord(view.method, view.scheme, cut(view.host), view.port, path)
+        dest = target(view.host, view.port)
+        host = dest.host
+        ex.request = RequestRecord(view.method, view.scheme, host, view.port, path)
+        destination: dict[str, Any] | None = None
+        if self.transparent:
+            # view.host is the original destination address; the policy sees the name.
+            destination = {"address": view.host, "port": view.port}
+            host = await self.egress.transparent_host(
+                dst=(view.host, view.port), tls=conn.tls, sni=conn.sni, host_header=view.host_header)
+            dest = target(host, view.port)
+            ex.request = RequestRecord(view.method, view.scheme, host, view.port, path, destination=destination)
+        # attest
+        ex.identity = await self.attest(self._caller(conn, view.proxy_authorization))
+        # authority
+        check_authority(scheme=view.scheme, target=dest, host_header=view.host_header,
+                        connect=self._tunnels.get(conn.id), tls=conn.tls, sni=conn.sni,
+                        authority=view.authority)
+        ex.target = dest
+        # path
+        check_path(view.path)
+        # input
+        doc = self.policy_input(ex, method=view.method, scheme=view.scheme, host=host, port=view.port,
+                                path=view.path, query=view.query, headers=view.headers, destination=destination)
+        # decide
+        decision = await self.engine.decide(doc)
+        ex.decision = decision
+        if not decision.allow:
+            raise KeylessError("forbidden", decision.reason or "denied by policy")
+        if decision.credential is not None and decision.credential not in self.credentials:
+            raise KeylessError("credential_unavailable",
+                               f"policy chose credential {decision.credential!r}, which is not configured")
+        return decision
+
+    def needs_body(self, ex: Exchange) -> bool:
+        """Whether the request body must be buffered before ``forward`` (SigV4 signs its hash)."""
+        d = ex.decision
+        return d is not None and d.credential is not None and d.credential in self._needs_body
+
+    async def forward(self, ex: Exchange, conn: Connection, request: OutboundRequest,
+                      set_upstream: Callable[[str, int], None]) -> None:
+        """Strip, inject and allow the upstream connection, for a request the policy allowed.
+
+        ``set_upstream(host, port)`` switches an ``egress.tls_origination`` destination to
+        HTTPS on its upstream port (the caller owns the mitmproxy request it rewrites).
+        """
+        decision = ex.decision
+        if ex.forwarded or ex.refused or decision is None or not decision.allow:
+            # Unreachable through the addon; a refusal here keeps it so if that ever changes.
+            raise KeylessError("internal_error", "request reached forwarding without an allow decision")
+        name = ex.host
+        upgrade = self.egress.origination(name, request.port, request.scheme)
+        if upgrade is not None:
+            set_upstream(upgrade.host, upgrade.upstream_port)
+            ex.request = _with_upstream(ex.request, f"https://{upgrade.host}:{upgrade.upstream_port}")
+        self.egress.check_injection(
+            credential=decision.credential, scheme=request.scheme, host=name, port=request.port,
+            transparent_tls_without_sni=self.transparent and conn.tls and not conn.sni)
+        # Resolve once, check every answer (refused networks, Keyless itself): the upstream
+        # connection dials this pin. Before inject, so no credential is minted for a refusal.
+        pins = self._allowed.setdefault(conn.id, {})
+        pin = await self.egress.pin_for((request.host, request.port), pins)
+        ex.stripped = tuple(strip_credentials(request, self.config.strip))
+        if decision.credential is not None:
+            provider = self.credentials[decision.credential]
+            # In transparent mode request.host is the dialled address; credentials are minted
+            # for the name the policy decided on.
+            ctx = GrantContext(ex.identity, decision, request.scheme, name, request.port)
+            ex.grant = await provider.apply(request, ctx)
+        ex.forwarded = True
+        pins[Egress.allow_key(request.host, request.port)] = pin
+
+    def check_upstream(self, conn_id: str, address: tuple[str, int] | None) -> Pin:
+        """``server_connect``: the checked addresses this connection may dial (a request allowed
+        on the same client connection pinned them); raises KeylessError for anything else."""
+        return self.egress.dial_target(address, self._allowed.get(conn_id, {}))
+
+    def note_upstream(self, ex: Exchange, peername: tuple[str, int] | None) -> None:
+        """Record the address really dialled (a refused request was forwarded nowhere)."""
+        peer = describe_peer(peername)
+        if peer is not None and ex.error is None:
+            r = ex.request
+            ex.request = RequestRecord(r.method, r.scheme, r.host, r.port, r.path, r.destination, r.upstream, peer)
+
+    def refuse(self, ex: Exchange, error: KeylessError) -> None:
+        ex.error = error
+
+    def fail(self, ex: Exchange, message: str) -> None:
+        """The request was allowed but died on the way (client gone, upstream down)."""
+        if ex.error is None:
+            ex.failure = message
+
+    def finish(self, ex: Exchange, status: int | None) -> None:
+        """Write the request's one terminal audit record (later calls are no-ops)."""
+        self.inflight.discard(ex.decision_id)
+        if ex.audited:
+            return
+        ex.audited = True
+        self.sink.emit(self.event(ex, status))
+
+    def disconnected(self, conn_id: str) -> None:
+        self._tunnels.pop(conn_id, None)
+        self._carried.pop(conn_id, None)
+        self._allowed.pop(conn_id, None)
+
+    # --- the steps' parts -----------------------------------------------------------------------
+
+    async def attest(self, caller: Caller) -> Identity:
+        """Run every trust provider and combine their evidence (see ``proxy.trust.combine``)."""
+        found: list[Attestation] = []
+        for provider in self.trust:
+            att = await provider.attest(caller)
+            if att is not None:
+                found.append(att)
+        if (caller.proxy_authorization is not None and not any(a.type == "jwt" for a in found)
+                and any(p.type == "jwt" for p in self.trust)):
+            # A token was presented and no provider verified it: never downgrade to "no identity".
+            raise KeylessError("attestation_failed", "no trust provider accepts the token's issuer")
+        return combine(merge_carried(found, caller.carried))
+
+    def _caller(self, conn: Connection, proxy_authorization: Sequence[str]) -> Caller:
+        return caller_evidence(
+            peer=conn.peer, local=conn.local, connection_id=conn.id,
+            proxy_authorization=proxy_authorization, certificates=conn.certificates,
+            carried=self._carried.get(conn.id, ()),
+        )
+
+    def policy_input(self, ex: Exchange, *, method: str, scheme: str, host: str, port: int, path: str,
+                     query: Sequence[tuple[str, str]], headers: Sequence[tuple[str, str]],
+                     destination: dict[str, Any] | None = None) -> dict[str, Any]:
+        # Every field comes from build_input: the decision-cache key is derived from its declaration.
+        return build_input(
+            source=ex.source, identity=ex.identity, method=method, scheme=scheme, host=host, port=port,
+            path=path.split("?", 1)[0], query=query, headers=headers,
+            secret_headers=self._secret_headers, secret_params=self._secret_params,
+            time=ex.time, mode=self.mode, time_ns=_time_ns(ex.time),
+            posture=self.posture(ex.identity.id) if self.posture is not None else None,
+            destination=destination,
+        )
+
+    def event(self, ex: Exchange, status: int | None) -> AuditEvent:
+        return AuditEvent(
+            decision_id=ex.decision_id, time=ex.time, source=ex.source, identity=ex.identity,
+            request=ex.request, decision=ex.decision, policy=self.engine.query,
+            engine_revision=self.engine.revision, grant=ex.grant, stripped=ex.stripped,
+            outcome=outcome(ex, status), latency_ms=round((time.perf_counter() - ex.started) * 1000, 3),
+        )
+
+
+def outcome(ex: Exchange, status: int | None) -> Outcome:
+    if isinstance(ex.error, PolicyUnavailable):
+        # No decision was made: the reason code (opa_timeout, malformed_decision, ...) says why,
+        # with OPA's decision id when it answered at all.
+        return Outcome(status, ex.error.code, ex.error.message, ex.error.reason or "",
+                       ex.error.engine_decision_id)
+    if ex.error is not None:
+        return Outcome(status, ex.error.code, ex.error.message)
+    if ex.failure is not None:
+        return Outcome(status, "connection_failed", ex.failure)
+    return Outcome(status)
+
+
+def _with_upstream(r: RequestRecord, upstream: str) -> RequestRecord:
+    return RequestRecord(r.method, r.scheme, r.host, r.port, r.path, r.destination, upstream, r.upstream_address)
+
+
+def _time_ns(iso: str) -> int:
+    """``context.time`` (millisecond precision) as Unix nanoseconds."""
+    return round(datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp() * 1000) * 1_000_000
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
