@@ -32,7 +32,7 @@ PROBE_INPUT: dict[str, Any] = {
     "source": {"address": "127.0.0.1", "port": 1},
     "identity": {"id": None, "attestations": []},
     "request": {"method": "GET", "scheme": "https", "host": "example.com", "port": 443,
-                "path": "/", "query": {}, "headers": {}},
+                "path": "/", "path_template": "/", "query": {}, "headers": {}},
     "context": {"time": "2026-01-01T00:00:00Z", "mode": "regular"},
 }
 
