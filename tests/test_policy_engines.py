@@ -207,3 +207,40 @@ def _extras() -> Any:
     from proxy.policy.options import PolicyExtras, ReloadOptions
 
     return PolicyExtras(reload=ReloadOptions(enabled=False, run_tests=False))
+
+
+CONFLICT_POLICY = """package keyless.egress
+
+import rego.v1
+
+by_host := {g.host: g.reason | some g in [{"host": "a", "reason": "one"}, {"host": "a", "reason": "two"}]}
+
+default decision := {"allow": false, "reason": "no"}
+
+decision := {"allow": true, "reason": by_host[input.request.host]} if input.request.host == "a"
+"""
+
+CONFLICT_TEST = """package keyless.p_test
+
+import rego.v1
+
+vary_samples := {"data.keyless.egress.decision": [{"source": {"address": "10.0.0.1", "port": 1},
+	"identity": {"id": null, "attestations": []},
+	"request": {"method": "GET", "scheme": "https", "host": "a", "port": 443, "path": "/", "query": {}, "headers": {}},
+	"context": {"time": "2026-11-22T10:00:00Z", "mode": "regular"}}]}
+
+test_nothing if true
+"""
+
+
+def test_policy_test_catches_where_the_rvm_and_the_interpreter_disagree(tmp_path: Path) -> None:
+    """An object comprehension with a conflicting key is an error in OPA and on the interpreter;
+    regorus 0.13.0's VM answers with one of the values. The samples catch it."""
+    (tmp_path / "p.rego").write_text(CONFLICT_POLICY)
+    (tmp_path / "p_test.rego").write_text(CONFLICT_TEST)
+    out = keyless("policy", "test", str(tmp_path))
+    assert out.returncode == 1
+    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("FAIL"))
+    assert "regorus-rvm decides (True, {'allow': True, 'reason': 'two'}) but regorus decides ('error'" in line
+    assert line.endswith("use policy.engine: regorus")
+    assert keyless("policy", "test", str(tmp_path), "--engine", "regorus").returncode == 0

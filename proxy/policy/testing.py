@@ -118,15 +118,41 @@ def check_vary(source: PolicySource, tests: Any, engine: str) -> list[TestResult
         if not defined or not isinstance(samples, dict):
             results.append(TestResult(rule, False, "must be an object {decision rule path: [input, ...]}"))
             continue
+        spec, reference_name = resolve(engine), resolve(resolve(engine).tests).name
         for query, inputs in samples.items():
             try:
                 decision = compile_modules(source.without_tests(), [query], engine)
+                # The samples double as a cross-engine check: the engine that serves requests
+                # must decide each one as the engine that ran the tests does.
+                reference = (compile_modules(source.without_tests(), [query], reference_name)
+                             if reference_name != spec.name else None)
             except PolicyLoadError as e:
                 results.append(TestResult(f"{rule}[{query}]", False, "; ".join(e.problems)))
                 continue
             for i, sample in enumerate(inputs if isinstance(inputs, list) else []):
-                results.append(_check_sample(decision, query, f"{rule}[{query!r}][{i}]", sample, literals))
+                name = f"{rule}[{query!r}][{i}]"
+                if reference is not None and isinstance(sample, dict):
+                    ours, theirs = _safe(decision, query, sample), _safe(reference, query, sample)
+                    if ours != theirs:
+                        why = (f"{spec.name} decides {ours!r} but {reference_name} decides {theirs!r}: "
+                               f"use policy.engine: {reference_name}")
+                        results.append(TestResult(name, False, why))
+                        continue
+                results.append(_check_sample(decision, query, name, sample, literals))
     return results
+
+
+def _safe(compiled: Any, query: str, doc: Any) -> Any:
+    from proxy.policy.input import path_template
+
+    doc = json.loads(json.dumps(doc))
+    req = doc.get("request")
+    if isinstance(req, dict) and isinstance(req.get("path"), str) and "path_template" not in req:
+        req["path_template"] = path_template(req["path"])
+    try:
+        return evaluate(compiled, query, doc)
+    except ValueError as e:
+        return ("error", str(e))
 
 
 def _check_sample(compiled: Any, query: str, name: str, sample: Any, literals: list[str]) -> TestResult:
