@@ -18,7 +18,7 @@ from proxy.policy.embedded import EmbeddedEngine, PolicyLoadError
 from proxy.policy.engines import ALIASES, DEFAULT_EMBEDDED, ENGINES, resolve
 from proxy.policy.runtime import build_policy
 from tests.harness import REPO, Keyless, Upstream, base_config, wait_for_audit
-from tests.test_policy_opa import BILLING, GUIDE_EXAMPLES, QUERY, TABLE, _essence, doc, docs_inputs
+from tests.test_policy_opa import BILLING, GUIDE_EXAMPLES, QUERY, TABLE, _essence, doc, docs_inputs, sample_inputs
 
 EMBEDDED = [name for name, spec in ENGINES.items() if spec.compile is not None]
 
@@ -40,7 +40,7 @@ def test_every_embedded_engine_gives_the_reference_decisions(engine: str) -> Non
     """The default policy and every guide example, on every input of the cross-engine tables,
     decided by each embedded engine exactly as by regorus's interpreter (and so, by
     tests/test_policy_opa.py, as by rego-cpp behind the OPA stand-in)."""
-    inputs = TABLE + docs_inputs()
+    inputs = TABLE + docs_inputs() + sample_inputs(REPO / "policies") + sample_inputs(REPO / "docs/policy-examples")
     ref = EmbeddedEngine.from_dir(REPO / "policies", QUERY, "regorus")
     got = EmbeddedEngine.from_dir(REPO / "policies", QUERY, engine)
     assert got.engine == engine and got.revision == ref.revision

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -62,6 +63,25 @@ TABLE = [
 ]
 
 
+def sample_inputs(directory: Path) -> list[dict[str, Any]]:
+    """The ``vary_samples`` inputs of a policy directory's tests (full inputs, as Keyless builds them)."""
+    from proxy.policy.embedded import compile_modules, read_policy_dir
+
+    source = read_policy_dir(directory, with_tests=True)
+    found: list[dict[str, Any]] = []
+    for name, text in source.modules:
+        pkg = re.search(r"^package\s+([\w.]+)", text, re.MULTILINE)
+        if name.endswith("_test.rego") and pkg and re.search(r"^vary_samples\b", text, re.MULTILINE):
+            rule = f"data.{pkg.group(1)}.vary_samples"
+            _, samples = compile_modules(source, [rule], "regorus").evaluate(rule, {})
+            for docs in samples.values():
+                for d in docs:
+                    d["request"].setdefault("path_template", path_template(d["request"]["path"]))
+                    found.append(d)
+    assert found, f"no vary_samples in {directory}"
+    return found
+
+
 def docs_inputs() -> list[dict[str, Any]]:
     """Every input document shown in docs/policy.md (```json blocks with a "request" and an "identity")."""
     text = (REPO / "docs/policy.md").read_text()
@@ -98,7 +118,7 @@ def test_both_engines_give_identical_decisions(opa: OpaProcess) -> None:
         finally:
             await engine.aclose()
 
-    table = TABLE + docs_inputs()
+    table = TABLE + docs_inputs() + sample_inputs(REPO / "policies")
     remote = asyncio.run(ask_opa(table))
     local = [embedded.decide_sync(d) for d in table]
     assert [_essence(d) for d in remote] == [_essence(d) for d in local]
@@ -266,7 +286,7 @@ def test_engines_agree_on_the_guide_examples() -> None:
                 d = doc(ident, method, host, path, posture=posture)
                 d["context"]["time_ns"] = time_ns
                 inputs.append(d)
-    inputs += docs_inputs()
+    inputs += docs_inputs() + sample_inputs(examples) + sample_inputs(REPO / "policies")
     opa = OpaProcess(examples).start()
 
     async def compare() -> int:
