@@ -11,9 +11,11 @@ WORKDIR /opt/keyless
 COPY requirements.lock pyproject.toml README.md ./
 RUN pip install --no-cache-dir --require-hashes -r requirements.lock
 COPY proxy ./proxy
+# The wheel carries these (pyproject.toml force-include): `keyless demo` and `keyless init` work
+# from the installed package, whatever the working directory.
 COPY policies ./policies
-COPY keyless.yaml ./
-RUN pip install --no-cache-dir --no-deps .
+COPY keyless.yaml LICENSE ./
+RUN pip install --no-cache-dir --no-deps . && keyless --version
 USER 10001
 EXPOSE 8080 8081 15001
 ENTRYPOINT ["keyless"]

@@ -7,18 +7,29 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test check demo clean bench bench-smoke lock
 
+# First run: a minute or two. pip's own lines show the progress (one per package).
 $(STAMP): requirements-dev.lock pyproject.toml
 	@test -n "$(PYTHON)" || { echo "no Python >= 3.12 found (set KEYLESS_PYTHON)"; exit 1; }
+	@echo "==> creating $(VENV) with $(PYTHON) (first run only)"
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check --require-hashes -r requirements-dev.lock
+	@echo "==> installing the pinned dependencies (requirements-dev.lock)"
+	$(BIN)/pip install --disable-pip-version-check --progress-bar on --require-hashes -r requirements-dev.lock
+	@echo "==> installing keyless itself (editable)"
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $(STAMP)
+	@echo "==> $(VENV) ready"
 
 run: $(STAMP)
+	@echo "==> starting Keyless on keyless.yaml (Ctrl-C stops it)"
 	@test -s .keyless/demo-api-key || { mkdir -p .keyless && $(BIN)/python -c "import secrets; print(secrets.token_urlsafe(24))" > .keyless/demo-api-key && chmod 600 .keyless/demo-api-key; }
 	$(BIN)/keyless run -c keyless.yaml
 
+# The Node peers of some tests (oidc-provider, the Compose schema, undici/axios): `npm ci` where
+# node_modules is missing; without npm those tests skip and say why.
+NPM_PEERS := tests/oauth tests/compose tests/node-clients
+
 test: $(STAMP)
+	@scripts/npm-peers $(NPM_PEERS)
 	$(BIN)/keyless policy test policies
 	$(BIN)/keyless policy test docs/policy-examples
 	$(BIN)/ruff check proxy tests bench scripts

@@ -11,36 +11,38 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
 import traceback
 import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from mitmproxy import connection as mconnection
 from mitmproxy import flow as mflow
-from mitmproxy import http, tcp
+from mitmproxy import http, tcp, tls
 from mitmproxy.proxy import server_hooks
 
+from proxy import answers
+from proxy.answer_layers import error_answer
+from proxy.assets import version
 from proxy.audit.event import RequestRecord
-from proxy.authority import Target
+from proxy.authority import Target, cut
 from proxy.errors import KeylessError
 from proxy.pipeline import Connection, Exchange, Pipeline, RequestView
+from proxy.selfcheck import answer as self_check_answer
+from proxy.selfcheck import is_self_check
 
 log = logging.getLogger("keyless")
 
 _STATE = "keyless"
-DECISION_HEADER = "Keyless-Decision-Id"
+DECISION_HEADER = answers.DECISION_HEADER
 
 F = TypeVar("F", bound=mflow.Flow)
 
 
 def refusal(error: KeylessError, decision_id: str) -> http.Response:
-    body = json.dumps({"error": error.code, "message": error.message, "decision_id": decision_id})
-    headers = {"Content-Type": "application/json", DECISION_HEADER: decision_id}
-    if error.code == "attestation_failed":
-        headers["Proxy-Authenticate"] = 'Bearer realm="keyless"'
-    return http.Response.make(error.status, body, headers)
+    return http.Response.make(error.status, answers.refusal_body(error, decision_id),
+                              answers.refusal_headers(error, decision_id))
 
 
 def internal(where: str, exc: BaseException) -> KeylessError:
@@ -58,7 +60,7 @@ def connection(conn: Any) -> Connection:
                       sni=conn.sni, certificates=[c.to_cryptography() for c in certs] if certs else ())
 
 
-def view(req: http.Request) -> RequestView:
+def view(req: http.Request, wire_error: str | None = None) -> RequestView:
     return RequestView(
         method=req.method, scheme=req.scheme, host=req.host, port=req.port, path=req.path,
         host_header=req.host_header,
@@ -66,6 +68,7 @@ def view(req: http.Request) -> RequestView:
         query=list(req.query.items(multi=True)) if "?" in req.path else [],
         headers=list(req.headers.items(multi=True)),
         proxy_authorization=req.headers.get_all("proxy-authorization"),
+        wire_error=wire_error,
     )
 
 
@@ -118,6 +121,14 @@ class KeylessAddon:
         self.pipeline = pipeline
         # While a server connection dials: the name it was opened for, and its reserved dial name.
         self._dialling: weakref.WeakKeyDictionary[Any, tuple[tuple[str, int], str]] = weakref.WeakKeyDictionary()
+        # Why an upstream connection failed, per client connection and upstream (host, port):
+        # mitmproxy's error hook only has a message (proxy/answers.py).
+        self._upstream_failures: dict[str, dict[tuple[str, int], KeylessError]] = {}
+
+    @property
+    def max_request_body(self) -> int:
+        """``listen.max_request_body``, read by proxy.answer_layers (this addon is its Seam)."""
+        return self.pipeline.config.listen.max_request_body
 
     @property
     def inflight(self) -> set[str]:
@@ -168,7 +179,13 @@ class KeylessAddon:
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         ex = self._exchange(flow)
         req, conn = flow.request, connection(flow.client_conn)
-        await self.pipeline.decide(ex, conn, view(req))
+        if is_self_check(req.host, self.pipeline.transparent):
+            # `keyless env --check`: answered here, before attestation, with no upstream.
+            self.pipeline.self_check(ex, req.method, req.scheme, req.host, req.port, req.path)
+            status, headers, body = self_check_answer(ex.decision_id, req.query, version())
+            flow.response = http.Response.make(status, body, headers)
+            return
+        await self.pipeline.decide(ex, conn, view(req, flow.error.msg if flow.error is not None else None))
         if ex.target is None:
             raise KeylessError("internal_error", "decided without a canonical target")
         point_at(flow, ex.target, self.pipeline.transparent)
@@ -186,7 +203,7 @@ class KeylessAddon:
         if ex is None:
             # requestheaders did not run for this flow: never forward what was not decided.
             raise KeylessError("internal_error", "request reached Keyless undecided")
-        if ex.refused or ex.forwarded:
+        if ex.refused or ex.forwarded or flow.response is not None:
             return
         await self.pipeline.forward(ex, connection(flow.client_conn), flow.request, _upstream(flow.request))
 
@@ -209,9 +226,20 @@ class KeylessAddon:
             self._dialling[data.server] = (name, dial)
         except KeylessError as e:
             log.warning("refused upstream connection from %s: %s", data.client.peername, e.message)
+            self._upstream_failed(data.client, data.server.address, e)
             data.server.error = f"keyless: {e.message}"
         except Exception as e:  # noqa: BLE001 - fail closed on anything
             data.server.error = f"keyless: {internal('server_connect', e).message}"
+
+    def tls_failed_server(self, data: tls.TlsData) -> None:
+        server = data.conn
+        if isinstance(server, mconnection.Server):
+            self._upstream_failed(data.context.client, server.address, answers.tls_error(server.error or "failed"))
+
+    def _upstream_failed(self, client: mconnection.Connection, address: Any, error: KeylessError) -> None:
+        # Keyed by the (host, port) the request asked for: the name, not a pin's dial name.
+        if address is not None:
+            self._upstream_failures.setdefault(client.id, {})[(str(address[0]), int(address[1]))] = error
 
     def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
         # Back to the name: mitmproxy reuses a connection whose address equals the request's
@@ -250,6 +278,15 @@ class KeylessAddon:
         ex: Exchange | None = flow.metadata.get(_STATE)
         if ex is None:
             return
+        failure = self._upstream_failures.get(flow.client_conn.id, {}).get((flow.request.host, flow.request.port))
+        found = error_answer(flow, ex.error, failure, ex.decision_id)
+        if found is not None:
+            # Keyless answers it (proxy.answer_layers sends the JSON refusal) unless the
+            # upstream's headers already went out; either way the outcome names the cause.
+            error, answered = found
+            self.pipeline.refuse(ex, error)
+            self._audit(ex, error.status if answered else flow.response.status_code if flow.response else None)
+            return
         if flow.error is not None:
             # Not a refusal: the request was allowed but the client or the upstream went away.
             self.pipeline.fail(ex, flow.error.msg)
@@ -268,4 +305,25 @@ class KeylessAddon:
         raise KeylessError("bad_request", "non-HTTP traffic is not relayed")
 
     def client_disconnected(self, client: Any) -> None:
+        self._upstream_failures.pop(client.id, None)
         self.pipeline.disconnected(client.id)
+
+    # -- proxy.answer_layers.Seam: answers mitmproxy's HTTP layer sends -----------------------
+
+    def orphan(self, client: mconnection.Connection, request: http.Request | None, error: KeylessError,
+               flow: http.HTTPFlow | None = None) -> str:
+        """Audit a refusal no hook chose (mitmproxy runs none for it); return its decision id."""
+        ex: Exchange | None = flow.metadata.get(_STATE) if flow is not None else None
+        if ex is None:
+            ex = self.pipeline.begin(client.peername)
+            if request is not None:
+                ex.request = RequestRecord(request.method, request.scheme, cut(request.host), request.port,
+                                           request.path.split("?", 1)[0])
+            else:  # not even a request line could be read
+                ex.request = RequestRecord(None, "", None, None, None)
+            if flow is not None:
+                flow.metadata[_STATE] = ex
+        if not ex.audited:
+            self.pipeline.refuse(ex, error)
+            self._audit(ex, error.status)
+        return ex.decision_id

@@ -1,4 +1,4 @@
-"""``keyless``: run | check | ca | env | iptables | demo | demo-api | policy test | policy eval."""
+"""``keyless``: run | check | init | ca | env | iptables | injector | demo | demo-api | policy test | eval | explain."""
 
 from __future__ import annotations
 
@@ -27,7 +27,38 @@ def _problems(e: ConfigError, path: str) -> int:
     for p in e.problems:
         print(f"{path}: {p}" if not p.startswith(path) else p, file=sys.stderr)
     print(f"{len(e.problems)} problem{'s' if len(e.problems) != 1 else ''} found", file=sys.stderr)
+    if path == DEFAULT_CONFIG and not Path(path).exists():
+        # The first thing a new user runs, outside a checkout: say how to get a config.
+        print("no keyless.yaml here: `keyless init` writes a starter config and policy to edit "
+              "(or pass -c PATH)", file=sys.stderr)
     return 2
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from proxy.assets import init_files
+
+    target = Path(args.dir)
+    try:
+        written = init_files(target, force=args.force)
+    except FileExistsError as e:
+        print(f"keyless init: not overwriting {e} (--force replaces them)", file=sys.stderr)
+        return 1
+    for path in written:
+        print(f"wrote {path}")  # a path only: the demo key's value is never printed
+    config = shlex.quote(str(target / "keyless.yaml"))
+    print(f"next: edit them, then `keyless check -c {config}` and `keyless run -c {config}`")
+    return 0
+
+
+def listen_problems(config: Config) -> list[str]:
+    """The proxy and admin ports ``run`` would fail to bind right now (in use, bad address)."""
+    from proxy.ports import bind_problem
+
+    checks = [("listen.port", config.listen.address, config.listen.port)]
+    if config.admin.enabled:
+        checks.append(("admin.port", config.admin.address, config.admin.port))
+    reuse = config.listen.workers > 1
+    return [p for key, host, port in checks if (p := bind_problem(key, host, port, reuse_port=reuse))]
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -35,6 +66,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     try:
         prep = load_and_prepare(Path(args.config))
+        ports = listen_problems(prep.config)
+        if ports:
+            raise ConfigError(ports)
     except ConfigError as e:
         return _problems(e, args.config)
     print(f"{args.config}: ok (policy revision {prep.engine.revision}, "
@@ -80,25 +114,58 @@ def cmd_ca(args: argparse.Namespace) -> int:
 
 
 def cmd_env(args: argparse.Namespace) -> int:
+    from proxy import clientenv
     from proxy.ca import ensure_ca
 
+    if args.unset:
+        # NO_PROXY stays: it was the user's before `keyless env` kept it, and is theirs after.
+        names = clientenv.PROXY_VARS + clientenv.CA_VARS + clientenv.OTHER_VARS
+        print(clientenv.render_unset(names, args.shell), end="")
+        return 0
+    if args.check:
+        from proxy.selfcheck import check
+
+        # Checks this shell's environment, as its clients will see it (run after the eval).
+        failed = False
+        for scheme in ("http", "https"):
+            result = check(scheme, os.environ)
+            print(f"{'ok' if result.ok else 'FAILED'}: {result.message}", file=sys.stdout if result.ok else sys.stderr)
+            failed |= not result.ok
+        return 1 if failed else 0
     try:
         config = _load(args.config)
     except ConfigError as e:
         return _problems(e, args.config)
-    ca = str(ensure_ca(config.tls.ca_dir))
-    host = config.listen.address
+    ca = ensure_ca(config.tls.ca_dir)
+    host, port = config.listen.address, config.listen.port
+    if args.port is not None:
+        port = args.port
+    elif port == 0:
+        from proxy.ports import STATE_FILE, read_state
+
+        bound = read_state(config.tls.ca_dir)
+        if bound is None:
+            print(f"{args.config}: listen.port is 0 and no running Keyless recorded its port in "
+                  f"{config.tls.ca_dir / STATE_FILE}: start `keyless run` first, or pass --port", file=sys.stderr)
+            return 2
+        host, port = bound.proxy_host, bound.proxy_port
     if host in ("0.0.0.0", "::"):  # noqa: S104 - a wildcard listener is reached on loopback
-        host = "127.0.0.1"
-    proxy_url = f"http://{host}:{config.listen.port}"
-    print("# Route this shell's HTTP(S) clients through Keyless and trust its CA.")
-    print("# eval \"$(keyless env)\"")
-    pairs = [("HTTP_PROXY", proxy_url), ("HTTPS_PROXY", proxy_url), ("http_proxy", proxy_url),
-             ("https_proxy", proxy_url), ("NO_PROXY", ""), ("no_proxy", "")]
-    pairs += [(name, ca) for name in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE",
-                                      "NODE_EXTRA_CA_CERTS", "AWS_CA_BUNDLE", "GIT_SSL_CAINFO")]
-    for name, value in pairs:
-        print(f"export {name}={shlex.quote(value)}")
+        host = "127.0.0.1" if host == "0.0.0.0" else "::1"  # noqa: S104
+    proxy_url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    bundle = clientenv.write_bundle(config.tls.ca_dir / clientenv.BUNDLE_NAME, ca, clientenv.system_bundle())
+    pairs = clientenv.client_env(proxy_url, bundle, os.environ, args.no_proxy)
+    bypass = clientenv.no_proxy(os.environ, args.no_proxy)
+    entries = bypass.split(",")
+    if "*" in entries:
+        print("keyless env: NO_PROXY contains '*': every client will bypass Keyless", file=sys.stderr)
+    if loopback := [e for e in entries if e in ("localhost", ".localhost", "127.0.0.1", "127.0.0.0/8", "::1")]:
+        print(f"keyless env: NO_PROXY has {','.join(loopback)}: calls to it (the quickstart's demo API) "
+              "bypass Keyless; unset NO_PROXY first to proxy them", file=sys.stderr)
+    evals = {"sh": 'eval "$(keyless env)"', "fish": "keyless env --shell fish | source",
+             "powershell": "keyless env --shell powershell | Invoke-Expression"}
+    print("# Route this shell's HTTP(S) clients through Keyless and trust its CA (docs/clients.md).")
+    print(f"# {evals[args.shell]}   then: keyless env --check   undo: keyless env --unset")
+    print(clientenv.render(pairs, args.shell), end="")
     return 0
 
 
@@ -210,6 +277,27 @@ def cmd_iptables(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_injector(args: argparse.Namespace) -> int:
+    from proxy.injector import Options, serve
+
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    defaults = Options(image=args.image, config_map=args.config_map, proxy_port=args.proxy_port,
+                       admin_port=args.admin_port, ports=args.ports)
+    for path in (args.tls_cert, args.tls_key):
+        if not Path(path).is_file():
+            print(f"keyless injector: file not found: {path}", file=sys.stderr)
+            return 2
+    try:
+        asyncio.run(serve(defaults, args.tls_cert, args.tls_key, args.address, args.port))
+    except OSError as e:
+        print(f"keyless injector: cannot listen on {args.address}:{args.port} ({e.strerror})", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from proxy.demo import run_demo
 
@@ -259,7 +347,10 @@ def cmd_demo_api(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+    from proxy.assets import version
+
     p = argparse.ArgumentParser(prog="keyless", description="Egress credential broker.")
+    p.add_argument("--version", action="version", version=f"keyless {version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -270,9 +361,34 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     r.set_defaults(func=cmd_run)
     with_config(sub.add_parser("check", help="validate config and policies")).set_defaults(func=cmd_check)
+    i = sub.add_parser("init", help="write a starter keyless.yaml and policies/ to edit")
+    i.add_argument("dir", nargs="?", default=".", help="where to write them (default: here)")
+    i.add_argument("--force", action="store_true", help="overwrite existing files")
+    i.set_defaults(func=cmd_init)
     with_config(sub.add_parser("ca", help="print the CA certificate's path")).set_defaults(func=cmd_ca)
-    with_config(sub.add_parser("env", help="print shell lines to use Keyless")).set_defaults(func=cmd_env)
+    env = with_config(sub.add_parser("env", help="print shell lines to use Keyless (docs/clients.md)"))
+    env.add_argument("--shell", choices=["sh", "fish", "powershell"], default="sh",
+                     help="syntax of the lines (sh: bash, zsh, dash)")
+    env.add_argument("--unset", action="store_true", help="print the lines that undo it")
+    env.add_argument("--check", action="store_true",
+                     help="prove this shell's clients go through Keyless (a request only Keyless answers)")
+    env.add_argument("--port", type=int, help="the proxy port, when listen.port is 0 (default: the running one's)")
+    env.add_argument("--no-proxy", action="append", default=[], metavar="HOST",
+                     help="add HOST to NO_PROXY (repeatable; the current NO_PROXY is kept)")
+    env.set_defaults(func=cmd_env)
     sub.add_parser("demo", help="run a self-contained demonstration").set_defaults(func=cmd_demo)
+    inj = sub.add_parser("injector", help="serve the Kubernetes sidecar-injection webhook (docs/deployment.md)")
+    inj.add_argument("--tls-cert", default="/etc/keyless-injector/tls/tls.crt", help="serving certificate (PEM)")
+    inj.add_argument("--tls-key", default="/etc/keyless-injector/tls/tls.key", help="its private key (PEM)")
+    inj.add_argument("--address", default="0.0.0.0", help="listen address (0.0.0.0)")  # noqa: S104
+    inj.add_argument("--port", type=int, default=8443, help="listen port (8443)")
+    inj.add_argument("--image", default="keyless:0.1.0", help="Keyless image injected (keyless.dev/image overrides)")
+    inj.add_argument("--config-map", default="keyless", help="ConfigMap with keyless.yaml and egress.rego")
+    inj.add_argument("--proxy-port", type=int, default=15001, help="sidecar's transparent listener (15001)")
+    inj.add_argument("--admin-port", type=int, default=15021, help="sidecar's admin listener (15021)")
+    inj.add_argument("--ports", default="80,443", help="outbound TCP ports redirected (80,443)")
+    inj.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    inj.set_defaults(func=cmd_injector)
     ipt = sub.add_parser("iptables", help="print (or --apply) the netfilter rules for a sidecar or gateway")
     ipt.add_argument("--apply", action="store_true", help="install the rules instead of printing them")
     ipt.add_argument("--gateway", action="store_true", help="rules for a gateway that receives other hosts' traffic")

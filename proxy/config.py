@@ -6,7 +6,8 @@ sections (trust providers, credentials) are validated by their own module's ``pa
 
 from __future__ import annotations
 
-import re
+import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ import yaml
 from proxy.confread import Section
 from proxy.egress import EgressConfig
 from proxy.egress import parse as parse_egress
+from proxy.envexpand import expand as expand_env
 from proxy.errors import ConfigError
 from proxy.policy.options import ENGINES, PolicyExtras, parse_extras
 
@@ -64,8 +66,9 @@ class ListenConfig:
     drain_seconds: float = 10.0
     # Processes sharing the port through SO_REUSEPORT (proxy/workers.py); 1 = no fork.
     workers: int = 1
-    # Request bodies are buffered (SigV4 hashes them); larger ones are refused with 413.
-    max_body_size: str = "64m"
+    # Request bodies larger than this (bytes) are refused with 413 body_too_large, by Keyless
+    # itself, buffered or streamed. Responses are not limited here.
+    max_request_body: int = 64 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +84,9 @@ class TlsConfig:
     upstream_ca: Path | None = None
     # A copy of the CA certificate (never the key) for apps to trust, e.g. on a shared volume.
     publish_ca: Path | None = None
+    # The system's CA bundle plus Keyless's CA (proxy/clientenv.py), for apps that also reach
+    # hosts directly: their SSL_CERT_FILE must still hold the public roots.
+    publish_bundle: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +140,30 @@ class Config:
     egress: EgressConfig = EgressConfig()
 
 
+def _request_body_limit(s: Section) -> int:
+    """``listen.max_request_body``; ``listen.max_body_size`` is its deprecated former name."""
+    from proxy.answers import parse_size
+
+    key = "max_request_body"
+    if s.has("max_body_size"):
+        if s.has(key):
+            s.error("set max_request_body only (max_body_size is its deprecated alias)", "max_body_size")
+        else:
+            key = "max_body_size"
+            logging.getLogger("keyless").warning("%s is deprecated: use listen.max_request_body", s.key_path(key))
+
+    def check(value: Any) -> int | None:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value if value > 0 else None
+        try:
+            return parse_size(value) if isinstance(value, str) else None
+        except ValueError:
+            return None
+
+    limit: int = s._get(key, 64 << 20, check, "a size such as 512k, 64m or 1g (bytes when a number)")
+    return limit
+
+
 def load_config(path: Path) -> Config:
     """Read and validate ``path``; raise ConfigError listing every problem found."""
     try:
@@ -147,7 +177,16 @@ def load_config(path: Path) -> Config:
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         problem = getattr(e, "problem", None) or "invalid YAML"
         raise ConfigError([f"{where}: malformed YAML ({problem})"]) from None
-    return parse_config(raw, path)
+    # ${VAR} / ${VAR:-default} (proxy/envexpand.py); unset variables are reported with the rest.
+    env_problems: list[str] = []
+    raw = expand_env(raw, os.environ, env_problems)
+    try:
+        config = parse_config(raw, path)
+    except ConfigError as e:
+        raise ConfigError(env_problems + e.problems, partial=e.partial) from None
+    if env_problems:
+        raise ConfigError(env_problems, partial=config)
+    return config
 
 
 def parse_config(raw: Any, source: Path) -> Config:
@@ -166,10 +205,8 @@ def parse_config(raw: Any, source: Path) -> Config:
         mode=s.choice("mode", ("regular", "transparent"), "regular"),
         drain_seconds=s.number("drain_seconds", 10.0),
         workers=s.integer("workers", 1, lo=1, hi=64),
-        max_body_size=s.text("max_body_size", "64m"),
+        max_request_body=_request_body_limit(s),
     )
-    if not re.fullmatch(r"[1-9][0-9]*[kmg]?", listen.max_body_size or "64m"):
-        s.error("must be a size such as 512k, 64m or 1g", "max_body_size")
     if listen.workers > 1 and listen.mode == "transparent":
         s.error("workers > 1 is supported in regular mode only (transparent listeners cannot share the port)",
                 "workers")
@@ -195,6 +232,7 @@ def parse_config(raw: Any, source: Path) -> Config:
         ca_dir=s.path_value("ca_dir", Path("~/.keyless/ca").expanduser()),
         upstream_ca=s.path_value("upstream_ca", None),
         publish_ca=s.path_value("publish_ca", None),
+        publish_bundle=s.path_value("publish_bundle", None),
     )
     if tls.upstream_ca is not None and not tls.upstream_ca.is_file():
         s.error(f"file not found: {tls.upstream_ca}", "upstream_ca")

@@ -25,9 +25,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from proxy.assets import POLICY_DIR, QUICKSTART_CONFIG, asset
 from proxy.demoapi import pretty, start_demo_api
-
-REPO_POLICIES = Path(__file__).resolve().parent.parent / "policies"
 
 
 def free_port() -> int:
@@ -98,11 +97,12 @@ async def _run(tmp: Path) -> int:
     api_key = "demo-" + secrets.token_urlsafe(16)
     (tmp / "api-key").write_text(api_key + "\n")
     api_port, proxy_port, admin_port = free_port(), free_port(), free_port()
-    config = yaml.safe_load((REPO_POLICIES.parent / "keyless.yaml").read_text())
+    # The shipped quickstart config and policy (the wheel's copies when installed).
+    config = yaml.safe_load(asset(QUICKSTART_CONFIG).read_text())
     config["listen"]["port"] = proxy_port
     config["admin"]["port"] = admin_port
     config["tls"] = {"ca_dir": str(tmp / "ca"), "upstream_ca": str(ca_file)}
-    config["policy"]["dir"] = str(REPO_POLICIES)
+    config["policy"]["dir"] = str(asset(POLICY_DIR))
     config["credentials"]["demo-api"]["file"] = str(tmp / "api-key")
     config["audit"]["path"] = str(tmp / "audit.log")
     (tmp / "keyless.yaml").write_text(yaml.safe_dump(config))

@@ -226,7 +226,7 @@ def screen(host: str, port: int, answers: Iterable[str], refused: Iterable[Netwo
         if str(a) not in checked:
             checked.append(str(a))
     if not checked:
-        raise KeylessError("upstream_unreachable", f"{host} resolves to no address")
+        raise KeylessError("upstream_dns_failed", f"{host} resolves to no address")
     return tuple(checked)
 
 
@@ -444,7 +444,7 @@ class Egress:
         """Resolve ``address`` once and check every answer; the result is what Keyless may dial.
 
         Refuses (``forbidden``) when any answer is in ``refused_networks`` or is Keyless's own
-        listener, and (``upstream_unreachable``) when the name does not resolve. The caller
+        listener, and (``upstream_dns_failed``) when the name does not resolve. The caller
         connects to ``Pin.address`` and never resolves the name again.
         """
         dest = target(str(address[0]), int(address[1]))
@@ -458,11 +458,11 @@ class Egress:
                 async with asyncio.timeout(RESOLVE_TIMEOUT):
                     answers = await self.resolve(host, port)
             except TimeoutError:
-                raise KeylessError("upstream_unreachable", f"{host} did not resolve in time") from None
+                raise KeylessError("upstream_dns_failed", f"{host} did not resolve in time") from None
             except UnicodeError:
                 raise KeylessError("bad_request", f"{host!r} is not a valid host name") from None
             except OSError as e:
-                raise KeylessError("upstream_unreachable", f"{host} does not resolve ({type(e).__name__})") from None
+                raise KeylessError("upstream_dns_failed", f"{host} does not resolve ({type(e).__name__})") from None
         return Pin(host, port, screen(host, port, answers, self.config.refused_networks, self._is_own), self.clock())
 
     async def pin_for(self, address: tuple[str, int], held: Mapping[tuple[str, int], Pin]) -> Pin:

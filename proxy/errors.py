@@ -12,11 +12,17 @@ STATUS: Final[dict[str, int]] = {
     "bad_request": 400,
     "forbidden": 403,
     "attestation_failed": 407,
+    "body_too_large": 413,
     "misdirected_request": 421,
     "internal_error": 500,
+    # The upstream could not be reached or failed; see proxy/answers.py.
     "upstream_unreachable": 502,
+    "upstream_dns_failed": 502,
+    "upstream_tls_failed": 502,
+    "upstream_failed": 502,
     "policy_unavailable": 503,
     "credential_unavailable": 503,
+    "upstream_timeout": 504,
 }
 
 

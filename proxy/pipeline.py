@@ -19,6 +19,7 @@ record. Nothing in this module imports mitmproxy.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -28,6 +29,7 @@ from typing import Any
 
 from cryptography import x509
 
+from proxy import answers
 from proxy.audit import AuditSink
 from proxy.audit.event import AuditEvent, Outcome, RequestRecord
 from proxy.authority import Target, check_authority, cut, target
@@ -76,6 +78,8 @@ class RequestView:
     query: Sequence[tuple[str, str]]
     headers: Sequence[tuple[str, str]]
     proxy_authorization: Sequence[str] = ()
+    # Why mitmproxy's HTTP layer would not forward this request (smuggling-prone framing).
+    wire_error: str | None = None
 
 
 @dataclass(slots=True)
@@ -189,6 +193,12 @@ class Pipeline:
         # destination: the raw host (cut short) is recorded until it is known to parse
         path = view.path.split("?", 1)[0]
         ex.request = RequestRecord(view.method, view.scheme, cut(view.host), view.port, path)
+        # framing: what mitmproxy will not forward is never decided, and a declared body over
+        # the limit is refused before a byte of it is read
+        if view.wire_error is not None:
+            raise answers.wire_refusal(answers.WireError("REQUEST_VALIDATION_FAILED", view.wire_error))
+        answers.check_declared_size([v for n, v in view.headers if n.lower() == "content-length"],
+                                    self.config.listen.max_request_body)
         dest = target(view.host, view.port)
         host = dest.host
         ex.request = RequestRecord(view.method, view.scheme, host, view.port, path)
@@ -221,6 +231,10 @@ class Pipeline:
             raise KeylessError("credential_unavailable",
                                f"policy chose credential {decision.credential!r}, which is not configured")
         return decision
+
+    def self_check(self, ex: Exchange, method: str, scheme: str, host: str, port: int, path: str) -> None:
+        """A request Keyless answers itself (``keyless env --check``): no decision, no upstream."""
+        ex.request = RequestRecord(method, scheme, cut(host), port, path.split("?", 1)[0], self_check=True)
 
     def needs_body(self, ex: Exchange) -> bool:
         """Whether the request body must be buffered before ``forward`` (SigV4 signs its hash)."""
@@ -270,7 +284,7 @@ class Pipeline:
         peer = describe_peer(peername)
         if peer is not None and ex.error is None:
             r = ex.request
-            ex.request = RequestRecord(r.method, r.scheme, r.host, r.port, r.path, r.destination, r.upstream, peer)
+            ex.request = dataclasses.replace(r, upstream_address=peer)
 
     def refuse(self, ex: Exchange, error: KeylessError) -> None:
         ex.error = error
@@ -351,7 +365,7 @@ def outcome(ex: Exchange, status: int | None) -> Outcome:
 
 
 def _with_upstream(r: RequestRecord, upstream: str) -> RequestRecord:
-    return RequestRecord(r.method, r.scheme, r.host, r.port, r.path, r.destination, upstream, r.upstream_address)
+    return dataclasses.replace(r, upstream=upstream)
 
 
 def _time_ns(iso: str) -> int:

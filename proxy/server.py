@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
 import ssl
 from dataclasses import dataclass
@@ -102,6 +103,7 @@ async def serve(prep: Prepared, *, reuse_port: bool = False) -> int:
     from mitmproxy.master import Master
 
     from proxy.addon import KeylessAddon
+    from proxy.answer_layers import install as install_answers
 
     config = prep.config
     ca_cert = ensure_ca(config.tls.ca_dir)
@@ -109,24 +111,50 @@ async def serve(prep: Prepared, *, reuse_port: bool = False) -> int:
         from proxy.ca import publish_ca
 
         publish_ca(ca_cert, config.tls.publish_ca)
+    if config.tls.publish_bundle is not None:
+        from proxy.clientenv import system_bundle, write_bundle
+
+        config.tls.publish_bundle.parent.mkdir(parents=True, exist_ok=True)
+        write_bundle(config.tls.publish_bundle, ca_cert, system_bundle())
     sink: AuditSink = JsonLinesSink(config.audit.path)
     pipeline = Pipeline(config, prep.engine, prep.signer, sink, prep.trust, prep.credentials)
     policy = prep.policy
     if policy is not None and policy.posture is not None:
         pipeline.posture = policy.posture.lookup
 
+    from proxy.ports import Bound, bind_problem, fmt_address, remove_state, write_state
+
+    # mitmproxy would log a port in use with a hint for its own command line and exit 1: try
+    # the bind first and report it like any config problem (one line, exit 2).
+    if problem := bind_problem("listen.port", config.listen.address, config.listen.port, reuse_port=reuse_port):
+        raise ConfigError([problem])
+
     master = Master(options.Options())
     ready = asyncio.Event()
+    admin_addr: list[str] = []
 
     class Ready:
         def running(self) -> None:
+            # Logged here, once mitmproxy has bound: the address is the real one (port 0 too).
+            addrs = master.addons.get("proxyserver").listen_addrs()
+            if not addrs:
+                return  # mitmproxy failed to listen; ErrorCheck stops it and serve() reports it
+            host, port = addrs[0][0], addrs[0][1]
+            log.info("keyless listening on %s (policy revision %s, CA %s)%s", fmt_address(host, port),
+                     prep.engine.revision, ca_cert, f", admin on {admin_addr[0]}" if admin_addr else "")
+            if not reuse_port:
+                bound = Bound(os.getpid(), host, port, admin_addr[0] if admin_addr else None)
+                try:
+                    write_state(config.tls.ca_dir, bound)
+                except OSError as e:  # only `keyless env` with port 0 needs it: not worth failing for
+                    log.warning("cannot record the bound port in %s (%s)", config.tls.ca_dir, e.strerror)
             ready.set()
 
     # A deliberately short addon list: no onboarding app, no scripts, no replay, nothing that
     # could answer or rewrite a request behind Keyless's back.
     master.addons.add(
         core.Core(), proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig(),
-        errorcheck.ErrorCheck(repeat_errors_on_stderr=True), keyless_addon := KeylessAddon(pipeline), Ready(),
+        errorcheck.ErrorCheck(repeat_errors_on_stderr=False), keyless_addon := KeylessAddon(pipeline), Ready(),
     )
     # Options belong to the addons that define them, so they are set once all are loaded.
     master.options.update(
@@ -143,8 +171,11 @@ async def serve(prep: Prepared, *, reuse_port: bool = False) -> int:
         # Ask clients for a certificate only when an mtls provider will verify it (mitmproxy
         # itself accepts any certificate; some clients hang up when asked for one they lack).
         request_client_cert=any(p.type == "mtls" for p in config.trust),
-        body_size_limit=config.listen.max_body_size,
+        # body_size_limit stays unset: it caps requests and responses alike and answers with
+        # mitmproxy's page. Keyless limits requests itself (listen.max_request_body).
     )
+    # Keyless's JSON answers in place of mitmproxy's error pages (proxy/answer_layers.py).
+    install_answers(keyless_addon)
 
     def is_ready() -> bool:
         # Ready once mitmproxy listens and the policy engine has answered (OPA: at least once).
@@ -168,6 +199,7 @@ async def serve(prep: Prepared, *, reuse_port: bool = False) -> int:
             await runner.cleanup()
             where = f"{config.admin.address}:{config.admin.port}"
             raise ConfigError([f"admin: cannot listen on {where} ({e.strerror})"]) from None
+        admin_addr.extend(fmt_address(str(a[0]), int(a[1])) for a in runner.addresses[:1])
 
     from proxy.drain import Drainer
 
@@ -175,8 +207,6 @@ async def serve(prep: Prepared, *, reuse_port: bool = False) -> int:
     drainer = Drainer(master, keyless_addon.inflight, config.listen.drain_seconds, on_start=ready.clear)
     loop.add_signal_handler(signal.SIGINT, master.shutdown)
     loop.add_signal_handler(signal.SIGTERM, drainer.start)
-    log.info("keyless listening on %s:%d (policy revision %s, CA %s)", config.listen.address,
-             config.listen.port, prep.engine.revision, ca_cert)
     # Everything built so far (modules, compiled policy, mitmproxy's option tree: ~100k objects)
     # lives as long as the process: move it out of the collector's reach so full collections
     # triggered by per-request garbage do not rescan it.
@@ -186,7 +216,14 @@ async def serve(prep: Prepared, *, reuse_port: bool = False) -> int:
         await policy.start()
     try:
         await master.run()
+    except SystemExit:
+        # mitmproxy's ErrorCheck: an error was logged during startup (a bind lost to a race
+        # after the check above, say); it has been printed once already by the log handler.
+        where = fmt_address(config.listen.address, config.listen.port)
+        raise ConfigError([f"listen: cannot start the proxy listener on {where} (see the error above)"]) from None
     finally:
+        if not reuse_port:
+            remove_state(config.tls.ca_dir)
         if policy is not None:
             await policy.stop()
         sink.close()

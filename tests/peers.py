@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import jwt
+import pytest
 import requests
 
 from proxy.demo import free_port
@@ -44,7 +45,8 @@ class OidcProvider:
 
     def start(self) -> OidcProvider:
         if not (OAUTH_DIR / "node_modules" / "oidc-provider").is_dir():
-            raise RuntimeError("oidc-provider is not installed: run `npm ci` in tests/oauth (.ci/run does)")
+            # `make test` runs `npm ci` here when npm exists (scripts/npm-peers); without npm, skip.
+            pytest.skip("tests/oauth/node_modules is missing (npm not found, or `npm ci` in tests/oauth failed)")
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         conf = self.tmp / "oidc.json"

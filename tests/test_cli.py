@@ -52,12 +52,14 @@ def test_policy_test_fails_on_a_failing_test(tmp_path: Path) -> None:
 
 
 def test_env_prints_every_variable(workdir: Path) -> None:
-    out = keyless("env", "-c", "keyless.yaml", cwd=workdir)
+    # NO_PROXY is exported only to keep the user's entries (tests/test_clients.py): never blanked.
+    out = keyless("env", "-c", "keyless.yaml", cwd=workdir, env={"NO_PROXY": "corp.example"})
     assert out.returncode == 0, out.stderr
     exports = dict(line.removeprefix("export ").split("=", 1) for line in out.stdout.splitlines()
                    if line.startswith("export "))
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE",
-                 "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS", "AWS_CA_BUNDLE", "GIT_SSL_CAINFO"):
+                 "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS", "AWS_CA_BUNDLE", "GIT_SSL_CAINFO", "npm_config_cafile",
+                 "NODE_USE_ENV_PROXY"):
         assert name in exports, name
     assert exports["HTTP_PROXY"].startswith("http://127.0.0.1:")
     assert Path(exports["SSL_CERT_FILE"]).is_file()

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import pytest
 import yaml
 
 from proxy.demo import make_tls_files
@@ -31,7 +32,9 @@ def _compose() -> dict[str, Any]:
 
 
 def test_compose_file_is_valid_against_the_compose_spec() -> None:
-    assert SCHEMA.is_file(), "run: npm ci --prefix tests/compose"
+    if not SCHEMA.is_file():
+        # `make test` runs `npm ci` here when npm exists (scripts/npm-peers); without npm, skip.
+        pytest.skip("tests/compose/node_modules is missing (npm not found, or `npm ci --prefix tests/compose` failed)")
     schema = json.loads(SCHEMA.read_text())
     jsonschema.validate(_compose(), schema, cls=jsonschema.Draft201909Validator)
     # The schema itself is what it claims to be, so a broken file would be caught.

@@ -215,7 +215,7 @@ def test_refused_networks_end_to_end(tmp_path: Path, upstream: Upstream) -> None
     finally:
         k.stop()
     assert upstream.received == []
-    assert records[-1]["outcome"]["error"] == "forbidden"
+    assert records[-1]["outcome"]["error"] == "forbidden" and records[-1]["outcome"]["status"] == 403
     assert "refused_networks" in records[-1]["outcome"]["message"]
 
 

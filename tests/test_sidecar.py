@@ -13,6 +13,7 @@ their TCP 80/443 to Keyless. Tests run in file order: the last two stop Keyless.
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -41,6 +42,10 @@ default decision := {"allow": false, "reason": "not granted"}
 decision := {"allow": true, "reason": "app may call the api", "credential": "api-key"} if {
 	input.identity.id == "spiffe://test/app"
 	input.request.host in {"api.example", "legacy.example", "10.200.1.2"}
+}
+
+decision := {"allow": true, "reason": "an address nobody answers for", "credential": null} if {
+	input.request.host == "10.200.1.4"
 }
 """
 
@@ -162,6 +167,19 @@ def test_denied_destination_sees_zero_connections(sidecar: Sidecar) -> None:
         assert out.stdout == "403", out.stderr
     assert sidecar.upstream.count("accept", f"{DENIED}:80") == 0
     assert sidecar.upstream.count("accept", f"{DENIED}:443") == 0
+
+
+def test_unreachable_destination_is_a_json_refusal_not_a_page(sidecar: Sidecar) -> None:
+    # 10.200.1.4 is on the link but no host answers for it: the connect fails (no route to host).
+    before = len(sidecar.keyless.audit())
+    out = sidecar.curl("-i", "http://10.200.1.4/v1/x")
+    head, _, body = out.stdout.replace("\r\n", "\n").partition("\n\n")
+    assert head.startswith("HTTP/1.1 502"), out.stdout[:300]
+    answer = json.loads(body)
+    assert answer["error"] == "upstream_unreachable"
+    records = sidecar.keyless.audit()[before:]
+    assert [r["decision_id"] for r in records] == [answer["decision_id"]]
+    assert records[0]["outcome"]["error"] == "upstream_unreachable" and records[0]["outcome"]["status"] == 502
 
 
 def test_host_header_must_resolve_to_the_original_destination(sidecar: Sidecar) -> None:

@@ -29,6 +29,8 @@ class RequestRecord:
     upstream: str | None = None
     # The address Keyless really dialled ({address, port}): the pinned, checked one.
     upstream_address: dict[str, Any] | None = None
+    # Answered by Keyless itself (`keyless env --check`): nothing was decided or forwarded.
+    self_check: bool = False
 
     def as_record(self) -> dict[str, Any]:
         out: dict[str, Any] = {"method": self.method, "scheme": self.scheme, "host": self.host,
@@ -39,6 +41,8 @@ class RequestRecord:
             out["upstream"] = self.upstream
         if self.upstream_address is not None:
             out["upstream_address"] = self.upstream_address
+        if self.self_check:
+            out["self_check"] = True
         return out
 
 

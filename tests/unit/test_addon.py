@@ -210,6 +210,10 @@ def test_server_connect_dials_only_the_pin(rig: Rig) -> None:
     data = server_hooks.ServerConnectionHookData(server=server, client=f.client_conn)
     asyncio.run(rig.addon.server_connect(data))
     assert data.server.error is None and data.server.address[0].endswith(".invalid")
+    # The dial never happens here: the failed-connect hook gives the name back and the dial
+    # name is forgotten (the table is per process).
+    rig.addon.server_connect_error(data)
+    assert data.server.address == ("api.example", 8000)
 
 
 def test_upstream_not_asked_for_is_not_dialled(rig: Rig) -> None:

@@ -51,7 +51,7 @@ def test_every_answer_is_checked_and_a_mixed_answer_refuses_the_name() -> None:
 def test_unusable_answers_fail_closed() -> None:
     with pytest.raises(KeylessError) as empty:
         _screen()
-    assert empty.value.code == "upstream_unreachable"
+    assert empty.value.code == "upstream_dns_failed"
     with pytest.raises(KeylessError) as odd:
         _screen("192.0.2.7", "not-an-address")
     assert odd.value.code == "forbidden"
@@ -92,7 +92,7 @@ def test_resolver_failures_become_refusals(monkeypatch: pytest.MonkeyPatch) -> N
     e = Egress(EgressConfig(), [("127.0.0.1", 15001)], fails)
     with pytest.raises(KeylessError) as missing:
         asyncio.run(e.check_addresses(("missing.test", 443)))
-    assert missing.value.code == "upstream_unreachable" and missing.value.status == 502
+    assert missing.value.code == "upstream_dns_failed" and missing.value.status == 502
     with pytest.raises(KeylessError) as bad:
         asyncio.run(e.check_addresses(("bad.test", 443)))
     assert bad.value.code == "bad_request"
@@ -100,7 +100,7 @@ def test_resolver_failures_become_refusals(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr("proxy.egress.RESOLVE_TIMEOUT", 0.05)
     with pytest.raises(KeylessError) as timeout:
         asyncio.run(e.check_addresses(("slow.test", 443)))
-    assert timeout.value.code == "upstream_unreachable"
+    assert timeout.value.code == "upstream_dns_failed"
 
 
 def test_the_dial_target_is_the_pin_an_allowed_request_recorded() -> None:
