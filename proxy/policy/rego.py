@@ -58,12 +58,9 @@ def describe(error: BaseException) -> str:
 def _engine_error(e: BaseException) -> bool:
     # A Rust panic inside regorus (strings.count(s, "") in 0.13.0) reaches Python as pyo3's
     # PanicException, a BaseException: it must become a policy error, never escape the
-    # fail-closed guards (which catch Exception). The engine stays usable after one.
+    # fail-closed guards (which catch Exception). The RVM is reset by every run and stays usable;
+    # the interpreter is replaced by a fresh copy (tests/test_policy_engines.py checks both).
     return isinstance(e, RuntimeError | TypeError | ValueError) or type(e).__name__ == "PanicException"
-
-
-# The RVM, unlike the interpreter, keeps no state across a panic: it is reset by every run
-# (tests/test_policy_engines.py::test_an_engine_panic_is_a_policy_error checks both).
 
 
 def _value(out: str) -> tuple[bool, Any]:
