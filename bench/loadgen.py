@@ -27,6 +27,8 @@ import time
 
 
 class Conn:
+    sent = 0  # requests sent by every connection: the {n} of a varied path
+
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.reader: asyncio.StreamReader | None = None
@@ -38,6 +40,8 @@ class Conn:
         body = args.body.encode()
         self.request = (f"{args.method} {target} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: keyless-bench\r\n"
                         f"Accept: */*\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+        # "{n}" in --path: a distinct path per request (/v1/invoices/1, /2, ...), as real APIs see.
+        self.varied = b"{n}" in self.request
 
     async def open(self, ctx: ssl.SSLContext | None) -> None:
         a = self.args
@@ -59,7 +63,11 @@ class Conn:
 
     async def one(self) -> int:
         assert self.reader is not None and self.writer is not None
-        self.writer.write(self.request)
+        if self.varied:
+            Conn.sent += 1
+            self.writer.write(self.request.replace(b"{n}", str(Conn.sent).encode()))
+        else:
+            self.writer.write(self.request)
         head = await self.reader.readuntil(b"\r\n\r\n")
         status = int(head[9:12])
         length = 0

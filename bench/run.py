@@ -58,6 +58,9 @@ class Env:
     proxy_ca_dir: Path
     secret_file: Path
     cached_policy: Path  # the default policy wrapped to add cache_ttl (see cached_policy_dir)
+    # --compare-tree: the same wrappers around that checkout's own default policy, so a row run
+    # from it evaluates the policy (and input) of its own version.
+    tree_policies: dict[Path, Path] = field(default_factory=dict)
 
     @property
     def proxy_ca(self) -> Path:
@@ -87,12 +90,15 @@ class Target:
     tree: Path | None = None  # run Keyless from another checkout (--compare-tree: before/after)
 
 
-# Decisions are cached only when the decision carries ``cache_ttl`` (docs/policy.md). The shipped
-# default policy sets 60 s; to keep both costs visible whatever it sets, the "cached decision" rows
-# wrap it with a rule that forces ``cache_ttl`` and the ``-uncached`` rows with one that removes
-# it, so Rego is evaluated on every request there.
+# Decisions are cached only when the decision carries ``cache_ttl`` or ``cache`` (docs/policy.md).
+# The shipped default policy caches for 60 s (its allows with cache.vary); to keep each cost
+# visible whatever it sets, the "cached decision" rows wrap it with a rule that forces a strict
+# ``cache_ttl``, the uncached rows with one that removes both, so Rego is evaluated on every
+# request there, and the keyless-varied-strict row with one that keeps the ttl but drops vary.
+# The default policy itself (its vary) is what keyless-varied runs.
 CACHED_DECISION = "data.keyless.bench.decision"
 UNCACHED_DECISION = "data.keyless.bench_uncached.decision"
+STRICT_DECISION = "data.keyless.bench_strict.decision"
 WRAPPERS = {
     "bench.rego": """package keyless.bench
 
@@ -101,7 +107,7 @@ import rego.v1
 import data.keyless.egress
 
 # The default decision, always cached: the benchmark's cached-decision rows.
-decision := object.union(egress.decision, {"cache_ttl": 3600})
+decision := object.union(object.remove(egress.decision, {"cache", "cache_ttl"}), {"cache_ttl": 3600})
 """,
     "bench_uncached.rego": """package keyless.bench_uncached
 
@@ -110,14 +116,23 @@ import rego.v1
 import data.keyless.egress
 
 # The default decision, never cached: Rego runs on every request.
-decision := object.remove(egress.decision, {"cache_ttl"})
+decision := object.remove(egress.decision, {"cache", "cache_ttl"})
+""",
+    "bench_strict.rego": """package keyless.bench_strict
+
+import rego.v1
+
+import data.keyless.egress
+
+# The default decision cached under the strict key (the path in it): no vary.
+decision := object.union(object.remove(egress.decision, {"cache", "cache_ttl"}), {"cache_ttl": 60})
 """,
 }
 
 
-def cached_policy_dir(dest: Path) -> Path:
-    """The default policy plus both wrappers (decision paths above)."""
-    shutil.copytree(REPO / "policies", dest)
+def cached_policy_dir(dest: Path, policies: Path = REPO / "policies") -> Path:
+    """The default policy plus the wrappers (decision paths above)."""
+    shutil.copytree(policies, dest)
     for name, text in WRAPPERS.items():
         (dest / name).write_text(text)
     return dest
@@ -138,6 +153,34 @@ def _static(env: Env) -> dict[str, Any]:
 
 def _jwt(env: Env) -> dict[str, Any]:
     return {"credentials": {"workload-jwt": {"type": "jwt", "ttl": 300}}, **_cached(env)}
+
+
+# keyless-varied: "{n}" is replaced per request by the load generators (bench/loadgen.py, wrk_proxy.lua).
+VARIED_PATH = "/v1/invoices/{n}"
+
+
+def _varied(env: Env) -> dict[str, Any]:
+    return {**_static_uncached(env), "policy": {"dir": str(env.cached_policy)}}
+
+
+def _varied_strict(env: Env) -> dict[str, Any]:
+    return {**_static_uncached(env), "policy": {"dir": str(env.cached_policy), "decision": STRICT_DECISION}}
+
+
+def _engine(cfg: dict[str, Any], engine: str) -> dict[str, Any]:
+    return {**cfg, "policy": {**cfg.get("policy", {}), "engine": engine}}
+
+
+def engine_of(env: Env, target: Target) -> str | None:
+    """The policy engine a Keyless row runs (its registry name), for the table."""
+    if target.kind != "keyless":
+        return None
+    name = target.config(env).get("policy", {}).get("engine", "embedded")
+    if target.tree is not None:
+        return f"{name} ({target.tree.name})"
+    from proxy.policy.engines import resolve
+
+    return resolve(name).name
 
 
 def _workers(n: int) -> Callable[[Env], dict[str, Any]]:
@@ -197,8 +240,15 @@ TARGETS: list[Target] = [
     Target("keyless-static", "keyless", config=_static,
            note="source_ip attestation, embedded Rego (decision cached: cache_ttl), static key from a file, "
                 "audit to a file"),
-    Target("keyless-static-uncached", "keyless", config=_static_uncached,
-           note="keyless-static with cache_ttl removed from every decision: Rego evaluated every request"),
+    Target("keyless-uncached", "keyless", config=_static_uncached,
+           note="keyless-static with the cache removed from every decision: Rego evaluated every request"),
+    Target("keyless-uncached-interp", "keyless", config=lambda env: _engine(_static_uncached(env), "regorus"),
+           note="keyless-uncached on regorus's interpreter (policy.engine: regorus)"),
+    Target("keyless-varied", "keyless", path=VARIED_PATH, config=_varied,
+           note="a distinct invoice id per request; the default policy, whose allow varies on "
+                "request.path_template: one evaluation serves every id"),
+    Target("keyless-varied-strict", "keyless", path=VARIED_PATH, config=_varied_strict,
+           note="keyless-varied with vary dropped (cache_ttl, the strict key): every id is a miss"),
     Target("keyless-jwt", "keyless", method="POST", path="/v1/reports/bench", config=_jwt,
            note="as keyless-static, with a minted ES256 JWT (cached per subject and audience)"),
     Target("keyless-oauth2", "keyless", config=_oauth2, setup=_start_token_endpoint,
@@ -378,7 +428,13 @@ def start(env: Env, target: Target) -> Running:
         from proxy.config import parse_config
         from proxy.errors import ConfigError
 
-        cfg = keyless_config(env, target, r.port)
+        tree_env = env
+        if target.tree is not None and (target.tree / "policies").is_dir():
+            if target.tree not in env.tree_policies:
+                env.tree_policies[target.tree] = cached_policy_dir(
+                    env.work / f"policy-{target.tree.name}", target.tree / "policies")
+            tree_env = replace(env, cached_policy=env.tree_policies[target.tree])
+        cfg = keyless_config(tree_env, target, r.port)
         cfg_file = env.work / f"{target.name}.yaml"
         cfg_file.write_text(yaml.safe_dump(cfg))
         try:
@@ -481,12 +537,17 @@ def summarise(rounds: list[dict[str, dict[str, dict[str, Any]]]], names: list[st
                                    for k in ("rps", "p50_ms", "p99_ms", "cpu", "rss_mb")}
             row["errors"] = sum(c["errors"] for c in cells)
             row["requests"] = sum(c["requests"] for c in cells)
+            # The spread over rounds (min-max), beside the medians.
+            row["rps_min"], row["rps_max"] = min(c["rps"] for c in cells), max(c["rps"] for c in cells)
             for base in ("mitmdump", "mitm-bare", "direct", "keyless-static"):
                 pairs = [(rd[sc.name][name], rd[sc.name][base]) for rd in rounds
                          if name in rd.get(sc.name, {}) and base in rd.get(sc.name, {})]
                 if not pairs or name == base:
                     continue
-                row[f"rps_x_{base}"] = median([a["rps"] / b["rps"] for a, b in pairs if b["rps"]])
+                ratios = [a["rps"] / b["rps"] for a, b in pairs if b["rps"]]
+                row[f"rps_x_{base}"] = median(ratios)
+                if ratios:
+                    row[f"rps_x_{base}_range"] = [round(min(ratios), 3), round(max(ratios), 3)]
                 row[f"p50_plus_{base}_ms"] = median([a["p50_ms"] - b["p50_ms"] for a, b in pairs])
                 row[f"p99_plus_{base}_ms"] = median([a["p99_ms"] - b["p99_ms"] for a, b in pairs])
             out[sc.name][name] = row
@@ -515,6 +576,10 @@ def targets_check(summary: dict[str, dict[str, dict[str, Any]]], hold: dict[str,
         ("HTTPS c1 keep-alive added p50 over direct <= 2 ms",
          get("https-c1", "keyless-static", "p50_plus_direct_ms"), "<=", 2.0),
         ("2 workers >= 1.6 x 1 worker (HTTP c32 rps)", scaling, ">=", 1.6),
+        *[(f"{row} {sc} throughput >= 0.9 x mitm-bare", get(sc, row, "rps_x_mitm-bare"), ">=", 0.9)
+          for row in ("keyless-uncached", "keyless-varied") for sc in ("http-c32", "https-c32")],
+        *[(f"{row} {sc} added p50 over mitm-bare <= 0.3 ms", get(sc, row, "p50_plus_mitm-bare_ms"), "<=", 0.3)
+          for row in ("keyless-uncached", "keyless-varied") for sc in ("http-c1", "https-c1")],
         ("peak RSS with 1,000 keep-alive connections <= 150 MB per worker",
          hold.get("keyless-static", {}).get("rss_mb") if hold.get("keyless-static", {}).get("connections", 0) >= 1000
          else None, "<=", 150.0),
@@ -529,17 +594,27 @@ def targets_check(summary: dict[str, dict[str, dict[str, Any]]], hold: dict[str,
 def markdown(result: dict[str, Any]) -> str:
     lines = [f"Run {result['started']} on {result['machine']}; {result['rounds']} round(s) of "
              f"{result['duration']} s per cell; medians over rounds, ratios within a round.", ""]
+    if result.get("load"):
+        lines += ["Load average (1 min) per round: " + ", ".join(
+            f"round {x['round']} {x['load_start']} -> {x['load_end']}" for x in result["load"]), ""]
+    engines = result.get("engines", {})
+    if engines:
+        lines += ["Policy engine per row: " + ", ".join(f"{n} {e}" for n, e in engines.items()), ""]
     for sc, rows in result["summary"].items():
         lines += [f"### {sc}", "",
                   "| target | rps | p50 ms | p99 ms | x mitmdump rps | +p50 vs mitmdump ms | x bare rps "
-                  "| +p50 vs bare ms | x direct rps | +p50 vs direct ms | proxy CPU (cores) | peak RSS MB | errors |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| x bare range | +p50 vs bare ms | x direct rps | +p50 vs direct ms | proxy CPU (cores) "
+                  "| peak RSS MB | errors |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name, row in rows.items():
             def f(k: str, row: dict[str, Any] = row) -> str:
                 v = row.get(k)
                 return "" if v is None else f"{v:g}"
+            spread = row.get("rps_x_mitm-bare_range")
+            spread_text = f"{spread[0]:g}-{spread[1]:g}" if spread else ""
             lines.append(f"| {name} | {f('rps')} | {f('p50_ms')} | {f('p99_ms')} | {f('rps_x_mitmdump')} "
-                         f"| {f('p50_plus_mitmdump_ms')} | {f('rps_x_mitm-bare')} | {f('p50_plus_mitm-bare_ms')} "
+                         f"| {f('p50_plus_mitmdump_ms')} | {f('rps_x_mitm-bare')} | {spread_text} "
+                         f"| {f('p50_plus_mitm-bare_ms')} "
                          f"| {f('rps_x_direct')} | {f('p50_plus_direct_ms')} "
                          f"| {f('cpu')} | {f('rss_mb')} | {row['errors']} |")
         lines.append("")
@@ -623,8 +698,10 @@ def main() -> int:
                 if r.skipped:
                     print(f"skipped {r.target.name}: {r.skipped}", file=sys.stderr)
             rounds: list[dict[str, dict[str, dict[str, Any]]]] = []
+            loads: list[dict[str, float]] = []
             for i in range(args.rounds):
                 rd: dict[str, dict[str, dict[str, Any]]] = {}
+                load_before = os.getloadavg()[0]
                 for sc in scenarios:
                     rd[sc.name] = {}
                     order = live[i % len(live):] + live[:i % len(live)]
@@ -634,6 +711,11 @@ def main() -> int:
                               f"p50 {res['p50_ms']:7.3f} p99 {res['p99_ms']:7.3f} errors {res['errors']}",
                               file=sys.stderr)
                 rounds.append(rd)
+                # The 1-minute load average around each round: on a shared machine, the round
+                # whose neighbours were busiest is visible, and the spread below says how much it moved.
+                loads.append({"round": i + 1, "load_start": round(load_before, 2),
+                              "load_end": round(os.getloadavg()[0], 2)})
+                print(f"round {i + 1} load {loads[-1]['load_start']} -> {loads[-1]['load_end']}", file=sys.stderr)
             hold: dict[str, Any] = {}
             if args.hold:
                 for r in live:
@@ -654,7 +736,8 @@ def main() -> int:
             "rounds": args.rounds, "duration": args.duration, "http_tool": tool,
             "targets_run": {r.target.name: r.target.note for r in live},
             "skipped": {r.target.name: r.skipped for r in running if r.skipped},
-            "summary": summary, "hold": hold, "workers_scaling_http": scaling,
+            "summary": summary, "hold": hold, "workers_scaling_http": scaling, "load": loads,
+            "engines": {r.target.name: e for r in live if (e := engine_of(env, r.target)) is not None},
             "targets": targets_check(summary, hold, scaling), "raw": rounds,
         }
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,11 @@
 -- for the direct row) and this script sends every request in absolute form (or origin form for
 -- the direct row) with the Host header of the real destination.
 --   wrk ... -s bench/wrk_proxy.lua http://127.0.0.1:PROXY -- METHOD TARGET HOST [BODY]
+-- A "{n}" in TARGET is replaced by a counter: a distinct path per request (keyless-varied).
 local req
+local varied = false
+local counter = 0
+local method, path, body
 
 function init(args)
   wrk.method = args[1]
@@ -13,9 +17,15 @@ function init(args)
     wrk.body = args[4]
   end
   req = wrk.format()
+  varied = string.find(args[2], "{n}", 1, true) ~= nil
+  method, path, body = args[1], args[2], wrk.body
 end
 
 function request()
+  if varied then
+    counter = counter + 1
+    return wrk.format(method, (string.gsub(path, "{n}", tostring(counter))), nil, body)
+  end
   return req
 end
 

@@ -122,10 +122,11 @@ grants := [
 # Every grant that matches this request, in table order.
 granted := [g | some g in grants; matches(g)]
 
-# Every answer carries cache_ttl: this policy reads only the identity, the request line and
-# posture, which are all in Keyless's decision-cache key (docs/policy.md, "Caching decisions"),
-# so a repeated call skips the evaluation for a minute. Drop it from a decision that reads
-# headers or the clock.
+# Every answer is cached for a minute (docs/policy.md, "Caching decisions"). The refusals use
+# cache_ttl, the strict key (identity, the whole request line, posture): their reasons name the
+# path. An allow reads only what `vary` lists, the path through its template, so one decision
+# serves /v1/invoices/1 to /v1/invoices/999. A decision that reads headers or the clock must
+# name them in vary, or not be cached; `keyless policy test` checks vary on vary_samples.
 default decision := {"allow": false, "reason": "no grant allows this call", "cache_ttl": 60}
 
 decision := {"allow": false, "reason": "caller has no attested workload identity", "cache_ttl": 60} if {
@@ -138,7 +139,13 @@ decision := {"allow": false, "reason": "caller has no attested workload identity
 	"reason": granted[0].reason,
 	"credential": granted[0].credential,
 	"params": object.get(granted[0], "params", {}),
-	"cache_ttl": 60,
+	"cache": {"ttl": 60, "vary": [
+		"identity",
+		"context.posture.workload",
+		"request.method",
+		"request.host",
+		"request.path_template",
+	]},
 } if {
 	count(granted) > 0
 } else := {"allow": false, "reason": sprintf("no grant allows %s to %s %s%s", [
@@ -157,7 +164,9 @@ matches(g) if {
 	caller(g)
 	input.request.host in g.hosts
 	input.request.method in g.methods
-	startswith(input.request.path, g.path_prefix)
+	# The template (identifier segments as {id}, docs/policy.md) never matches a prefix its path
+	# does not: a prefix holds no "{", so the first replaced segment lies past the prefix.
+	startswith(input.request.path_template, g.path_prefix)
 }
 
 caller(g) if g.workload == input.identity.id

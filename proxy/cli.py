@@ -179,7 +179,7 @@ def cmd_policy_test(args: argparse.Namespace) -> int:
     from proxy.policy.testing import run_tests
 
     try:
-        results = run_tests(Path(args.dir))
+        results = run_tests(Path(args.dir), args.engine)
     except PolicyLoadError as e:
         for p in e.problems:
             print(p, file=sys.stderr)
@@ -194,6 +194,7 @@ def cmd_policy_test(args: argparse.Namespace) -> int:
 def cmd_policy_eval(args: argparse.Namespace) -> int:
     from proxy.errors import KeylessError
     from proxy.policy.embedded import EmbeddedEngine, PolicyLoadError
+    from proxy.policy.result import decision_document
 
     try:
         doc = json.loads(Path(args.input).read_text() if args.input != "-" else sys.stdin.read())
@@ -201,7 +202,7 @@ def cmd_policy_eval(args: argparse.Namespace) -> int:
         print(f"{args.input}: cannot read input JSON ({e})", file=sys.stderr)
         return 2
     try:
-        engine = EmbeddedEngine.from_dir(Path(args.dir), args.decision)
+        engine = EmbeddedEngine.from_dir(Path(args.dir), args.decision, args.engine)
         d = engine.decide_sync(doc)
     except PolicyLoadError as e:
         for p in e.problems:
@@ -210,8 +211,7 @@ def cmd_policy_eval(args: argparse.Namespace) -> int:
     except KeylessError as e:
         print(json.dumps({"error": e.code, "message": e.message}))
         return 1
-    print(json.dumps({"allow": d.allow, "reason": d.reason, "credential": d.credential,
-                      "params": dict(d.params)}, indent=2))
+    print(json.dumps(decision_document(d), indent=2))
     return 0
 
 
@@ -420,11 +420,14 @@ def parser() -> argparse.ArgumentParser:
     pol = sub.add_parser("policy", help="policy authoring tools").add_subparsers(dest="policy_command", required=True)
     t = pol.add_parser("test", help="run test_ rules in *_test.rego files")
     t.add_argument("dir", nargs="?", default="policies")
+    t.add_argument("--engine", default="embedded", choices=_embedded_engines(),
+                   help="the engine whose decisions vary_samples are checked on (tests run on its test engine)")
     t.set_defaults(func=cmd_policy_test)
     e = pol.add_parser("eval", help="print the decision for an input document")
     e.add_argument("-i", "--input", required=True, help="input JSON file, or - for stdin")
     e.add_argument("-d", "--dir", default="policies")
     e.add_argument("--decision", default="data.keyless.egress.decision")
+    e.add_argument("--engine", default="embedded", choices=_embedded_engines())
     e.set_defaults(func=cmd_policy_eval)
     x = pol.add_parser("explain", help="show which rule definition produced the decision for an input")
     x.add_argument("-i", "--input", required=True, help="input JSON file, or - for stdin")
@@ -435,6 +438,12 @@ def parser() -> argparse.ArgumentParser:
 
     add_commands(sub, DEFAULT_CONFIG)
     return p
+
+
+def _embedded_engines() -> list[str]:
+    from proxy.policy.engines import NAMES, resolve
+
+    return [n for n in NAMES if resolve(n).compile is not None]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,10 +58,12 @@ class Decision:
     reason: str = ""
     credential: str | None = None
     params: Mapping[str, Any] = field(default_factory=dict)
-    # ``cache_ttl`` comes from the policy (seconds this decision may be reused); the rest is set
+    # ``cache_ttl`` and ``vary`` come from the policy (``cache_ttl`` or ``cache: {ttl, vary}``); the rest is set
     # by Keyless: the policy revision that produced it, the engine's own decision id (OPA's),
     # and whether it was served from the decision cache.
     cache_ttl: float | None = None
+    # ``cache.vary``: the input paths the decision depends on; None keeps the strict cache key.
+    vary: tuple[str, ...] | None = None
     revision: str | None = None
     engine_decision_id: str | None = None
     cached: bool = False

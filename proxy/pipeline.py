@@ -244,9 +244,7 @@ class Pipeline:
         check_path(view.path)
         # input
         doc = self.policy_input(ex, method=view.method, scheme=view.scheme, host=host, port=view.port,
-                                path=view.path, query=view.query, headers=view.headers)
-        if destination is not None:
-            doc["destination"] = destination
+                                path=view.path, query=view.query, headers=view.headers, destination=destination)
         ex.input = doc
         # decide
         started = time.perf_counter()
@@ -386,18 +384,17 @@ class Pipeline:
         )
 
     def policy_input(self, ex: Exchange, *, method: str, scheme: str, host: str, port: int, path: str,
-                     query: Sequence[tuple[str, str]], headers: Sequence[tuple[str, str]]) -> dict[str, Any]:
-        doc = build_input(
+                     query: Sequence[tuple[str, str]], headers: Sequence[tuple[str, str]],
+                     destination: dict[str, Any] | None = None) -> dict[str, Any]:
+        # Every field comes from build_input: the decision-cache key is derived from its declaration.
+        return build_input(
             source=ex.source, identity=ex.identity, method=method, scheme=scheme, host=host, port=port,
             path=path.split("?", 1)[0], query=query, headers=headers,
             secret_headers=self._secret_headers, secret_params=self._secret_params,
-            time=ex.time, mode=self.mode,
+            time=ex.time, mode=self.mode, time_ns=_time_ns(ex.time),
+            posture=self.posture(ex.identity.id) if self.posture is not None else None,
+            destination=destination,
         )
-        # rego-cpp lacks time.parse_rfc3339_ns: nanoseconds let time.clock/weekday work on both engines.
-        doc["context"]["time_ns"] = _time_ns(ex.time)
-        if self.posture is not None:
-            doc["context"]["posture"] = self.posture(ex.identity.id)
-        return doc
 
     def event(self, ex: Exchange, status: int | None) -> AuditEvent:
         recorded, erased, masked = mask_input(ex.input, self._mask) if ex.input is not None else (None, [], [])

@@ -21,7 +21,7 @@ from proxy.errors import ConfigError
 from proxy.model import set_fingerprint_key
 from proxy.pipeline import Pipeline
 from proxy.policy import PolicyEngine
-from proxy.policy.embedded import EmbeddedEngine, PolicyLoadError
+from proxy.policy.embedded import PolicyLoadError
 from proxy.policy.runtime import PolicyRuntime, build_policy
 from proxy.signing import Signer
 from proxy.trust import TrustProvider
@@ -90,23 +90,6 @@ def load_and_prepare(path: Path) -> Prepared:
             if not problems:
                 return prep
     raise ConfigError(list(dict.fromkeys(problems)))
-
-
-def probe_policy(engine: EmbeddedEngine) -> None:
-    """Evaluate the decision once: rego-cpp reports some errors (unknown functions) only then."""
-    from proxy.errors import KeylessError
-
-    probe = {
-        "source": {"address": "127.0.0.1", "port": 1},
-        "identity": {"id": None, "attestations": []},
-        "request": {"method": "GET", "scheme": "https", "host": "example.com", "port": 443,
-                    "path": "/", "query": {}, "headers": {}},
-        "context": {"time": "2026-01-01T00:00:00Z", "mode": "regular"},
-    }
-    try:
-        engine.decide_sync(probe)
-    except KeylessError as e:
-        raise PolicyLoadError([e.message]) from None
 
 
 async def serve(prep: Prepared, *, reuse_port: bool = False) -> int:

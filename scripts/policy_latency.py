@@ -2,10 +2,12 @@
 
     .venv/bin/python scripts/policy_latency.py [-n 10000]
 
-Measures, per decision: the embedded engine (regopy, in process); the OPA engine over HTTP with
-a pooled keep-alive connection against tests/opa_standin.py (a stand-in for OPA that evaluates
-with regopy, since no opa binary exists here: the figure is Keyless's client side plus one
-local HTTP round trip plus the stand-in's evaluation); and a cache hit (key + lookup).
+Measures, per decision: each embedded engine of the registry (regorus's RVM, the default, and
+its interpreter; in process); the OPA engine over HTTP with a pooled keep-alive connection
+against tests/opa_standin.py (a stand-in for OPA that evaluates with regopy, since no opa binary
+exists here: the figure is Keyless's client side plus one local HTTP round trip plus the
+stand-in's evaluation); a cache hit (key + lookup); and a distinct invoice id per request, which
+the default policy's cache.vary turns into hits.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ sys.path.insert(0, str(REPO))
 
 from proxy.policy.cache import CachingEngine  # noqa: E402
 from proxy.policy.embedded import EmbeddedEngine  # noqa: E402
+from proxy.policy.engines import DEFAULT_EMBEDDED, ENGINES  # noqa: E402
+from proxy.policy.input import path_template  # noqa: E402
 from proxy.policy.opa import OpaEngine  # noqa: E402
 from proxy.policy.options import OpaOptions  # noqa: E402
 from tests.policy_helpers import OpaProcess  # noqa: E402
@@ -49,9 +53,13 @@ async def timed(engine: Any, n: int) -> list[int]:
 
 
 async def main(n: int) -> None:
-    embedded = EmbeddedEngine.from_dir(REPO / "policies", QUERY)
-    await timed(embedded, 500)
-    print(summary("embedded (regopy)", await timed(embedded, n)))
+    for name, spec in ENGINES.items():
+        if spec.compile is None:
+            continue
+        embedded = EmbeddedEngine.from_dir(REPO / "policies", QUERY, name)
+        await timed(embedded, 500)
+        default = " (default)" if name == DEFAULT_EMBEDDED else ""
+        print(summary(f"embedded {name}{default}", await timed(embedded, n)))
 
     opa_proc = OpaProcess(REPO / "policies").start()
     try:
@@ -66,10 +74,10 @@ async def main(n: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         (d / "egress.rego").write_text((REPO / "policies/egress.rego").read_text())
-        # The default policy with cache_ttl added to its allowed decisions.
+        # The default policy with an hour's ttl on its allowed decisions.
         (d / "bench.rego").write_text(
             "package keyless.bench\n\nimport rego.v1\n\nimport data.keyless.egress\n\n"
-            'decision := object.union(egress.decision, {"cache_ttl": 3600}) if egress.decision.allow\n'
+            'decision := object.union(egress.decision, {"cache": {"ttl": 3600}}) if egress.decision.allow\n'
             "else := egress.decision\n")
         cached_engine = EmbeddedEngine.from_dir(d, "data.keyless.bench.decision")
         cache = CachingEngine(cached_engine)
@@ -85,6 +93,22 @@ async def main(n: int) -> None:
             hit_ns.append(time.perf_counter_ns() - t)
         print(summary("cache hit only", hit_ns))
         print(f"{'':<34} hits {cache.hits - hits_before}, misses {cache.misses}")
+
+    # A distinct invoice id per request: the strict key would miss every time; the default
+    # policy's allow varies on request.path_template, so all but the first are hits.
+    varied = CachingEngine(EmbeddedEngine.from_dir(REPO / "policies", QUERY))
+    base = TABLE[0]
+    docs = []
+    for i in range(n):
+        path = f"/v1/invoices/{i}"
+        docs.append({**base, "request": {**base["request"], "path": path, "path_template": path_template(path)}})
+    ns = []
+    for d in docs:
+        t = time.perf_counter_ns()
+        await varied.decide(d)
+        ns.append(time.perf_counter_ns() - t)
+    print(summary("distinct ids, default policy (vary)", ns))
+    print(f"{'':<34} hits {varied.hits}, misses {varied.misses}")
 
 
 if __name__ == "__main__":

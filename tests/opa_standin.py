@@ -3,7 +3,9 @@
 It implements the part of OPA's REST data API that Keyless uses, with OPA's behaviour:
 
 - ``POST /v1/data/<path>`` with ``{"input": ...}`` evaluates ``data.<path>`` over the same policy
-  directory, with regopy (rego-cpp), and answers ``{"result": ..., "decision_id": ...}``;
+  directory, with regopy (rego-cpp), and answers ``{"result": ..., "decision_id": ...}``. rego-cpp
+  is not one of Keyless's engines: it is here because it is a Rego implementation independent
+  of regorus, so the cross-engine tests compare two implementations, not one with itself;
 - an undefined path or rule answers **200 with no ``result``** (OPA does not use 404 for that);
 - a body that is not JSON, or not an object, answers 400 with OPA's ``{"code": ..., "message": ...}``;
 - ``?provenance=true`` adds ``{"provenance": {"version": ..., "bundles": {"keyless": {"revision": ...}}}}``.
@@ -20,6 +22,10 @@ Run as ``python -m tests.opa_standin --policies DIR --port N``; it prints ``read
 
 from __future__ import annotations
 
+# regopy before aiohttp: rego-cpp's time-zone code corrupts the heap when it binds to the C++
+# runtime another extension (aiohttp's frozenlist) loaded first.
+import regopy  # isort: skip
+
 import argparse
 import asyncio
 import json
@@ -28,10 +34,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import regopy
 from aiohttp import web
 
-from proxy.policy.embedded import PolicyLoadError, PolicySource, compile_modules, evaluate, read_policy_dir
+from proxy.policy.source import PolicySource, read_policy_dir
+
+regopy.set_default_log_level("None")
 
 
 class StandIn:
@@ -42,25 +49,46 @@ class StandIn:
         self.connections: set[tuple[str, int]] = set()
         self.bodies: list[str] = []
 
-    def evaluate(self, path: str, input_doc: Any) -> tuple[bool, Any]:
-        if path not in self.compiled:
-            try:
-                self.compiled[path] = compile_modules(self.source, [path])
-            except PolicyLoadError:
-                self.compiled[path] = None  # not a rule rego-cpp can build: ask ad hoc below
-        built = self.compiled[path]
-        if built is not None:
-            return evaluate(built[0], built[1], path, input_doc)
+    def _interpreter(self) -> regopy.Interpreter:
         interp = regopy.Interpreter()
+        interp.log_level = regopy.LogLevel.NONE
         for name, text in self.source.modules:
             interp.add_module(name, text)
         if self.source.data:
             interp.add_data(self.source.data)
-        interp.set_input(regopy.Input(input_doc))
-        out = str(interp.query("data." + path.replace("/", ".")))
+        return interp
+
+    def evaluate(self, path: str, input_doc: Any) -> tuple[bool, Any]:
+        """(defined, value) of ``data.<path>``; ValueError when rego-cpp reports an error."""
+        if path not in self.compiled:
+            interp = self._interpreter()
+            try:
+                bundle = interp.build(None, [path])
+                self.compiled[path] = (interp, bundle) if bundle.ok() else None
+            except regopy.RegoError:
+                self.compiled[path] = None  # not a rule rego-cpp can build: ask ad hoc below
+        built = self.compiled[path]
+        try:
+            if built is not None:
+                interp, bundle = built
+                interp.set_input_term(json.dumps(input_doc))
+                out = str(interp.query_bundle_entrypoint(bundle, path))
+            else:
+                interp = self._interpreter()
+                interp.set_input_term(json.dumps(input_doc))
+                out = str(interp.query("data." + path.replace("/", ".")))
+        except (regopy.RegoError, json.JSONDecodeError) as e:
+            raise ValueError(f"rego-cpp: {e}") from None
         if out == "undefined":
             return False, None
-        return True, json.loads(out)["expressions"][0]
+        try:
+            doc = json.loads(out)
+        except json.JSONDecodeError:
+            raise ValueError(f"rego-cpp: {out[:200]}") from None
+        results = doc if isinstance(doc, list) else [doc]
+        if len(results) != 1 or not results[0].get("expressions"):
+            return False, None
+        return True, results[0]["expressions"][0]
 
     async def data(self, request: web.Request) -> web.Response:
         self.requests += 1

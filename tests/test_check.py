@@ -66,6 +66,8 @@ def good_config(port: int = 0, admin_port: int = 0) -> str:
 
 
 BROKEN_REGO = 'package keyless.egress\n\ndecision := {"allow": true\n'
+TYPO_REGO = ('package keyless.egress\n\ndefault decision := {"allow": false}\n\n'
+             'decision := {"allow": strings.lowr(input.request.host) == "x"} if input.request.port == 1\n')
 
 # (case id, config text or a (old, new) edit of the good config, env, expected problem lines)
 CASES: list[tuple[str, str | tuple[str, str], dict[str, str], list[str]]] = [
@@ -85,7 +87,10 @@ CASES: list[tuple[str, str | tuple[str, str], dict[str, str], list[str]]] = [
      {"KEYLESS_TEST_CRLF": "canary-check-secret\r\nX-Injected: 1"},
      ["credentials.demo-api: secret contains CR, LF or NUL"]),
     ("rego-syntax-error", ("dir: policies", "dir: broken-policies"), {},
-     ["policy: ", "broken-policies/egress.rego:3:"]),
+     ["policy: ", "broken-policies/egress.rego:4:1: expecting `}`"]),
+    # The compiler checks every rule: a misspelt built-in in a branch no request reaches is found.
+    ("misspelt-builtin", ("dir: policies", "dir: typo-policy"), {},
+     ["policy: typo-policy/egress.rego:5:35: Unknown function: 'strings.lowr'"]),
     ("policy-decision-not-an-object", ("dir: policies", "dir: string-policy"), {},
      ["policy: policy(data.keyless.egress.decision): malformed decision"]),
     ("no-rego-files", ("dir: policies", "dir: empty-policy"), {}, ["policy: ", "no .rego files"]),
@@ -110,6 +115,8 @@ def write_case(workdir: Path, spec: str | tuple[str, str]) -> Path:
     (workdir / "string-policy").mkdir(exist_ok=True)
     (workdir / "string-policy" / "egress.rego").write_text('package keyless.egress\n\ndecision := "allow"\n')
     (workdir / "empty-policy").mkdir(exist_ok=True)
+    (workdir / "typo-policy").mkdir(exist_ok=True)
+    (workdir / "typo-policy" / "egress.rego").write_text(TYPO_REGO)
     cfg = workdir / "keyless.yaml"
     cfg.write_text(text)
     return cfg
@@ -166,7 +173,7 @@ def test_policy_and_secret_problems_together(workdir: Path) -> None:
 
 
 @pytest.mark.parametrize("case", ["unknown-key", "missing-env-secret", "rego-syntax-error", "verify-upstream-false",
-                                  "policy-decision-not-an-object"])
+                                  "policy-decision-not-an-object", "misspelt-builtin"])
 def test_run_refuses_with_the_same_messages(workdir: Path, case: str) -> None:
     spec, env = next((c[1], c[2]) for c in CASES if c[0] == case)
     write_case(workdir, spec)

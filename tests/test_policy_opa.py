@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from proxy.demo import free_port
 from proxy.model import Decision
 from proxy.policy import PolicyUnavailable
 from proxy.policy.embedded import EmbeddedEngine
+from proxy.policy.input import path_template
 from proxy.policy.opa import OpaEngine
 from proxy.policy.options import OpaOptions
 from tests.harness import REPO, Keyless, Upstream, base_config, wait_for_audit
@@ -37,6 +39,7 @@ def doc(ident: str | None, method: str = "GET", host: str = "localhost", path: s
         "identity": {"id": ident, "attestations": [{"provider": "loopback", "type": "source_ip", "id": ident,
                                                      "facts": {"cidr": "127.0.0.0/8"}}] if ident else []},
         "request": {"method": method, "scheme": "https", "host": host, "port": 443, "path": path,
+                    "path_template": path_template(path),
                     "query": {"page": ["2"]}, "headers": headers or {"user-agent": "curl/8"}},
         "context": ctx,
     }
@@ -55,7 +58,43 @@ TABLE = [
     doc(BILLING, posture={"workload": {"status": "fail"}, "stale": False, "age_seconds": 1.0}),
     doc(BILLING, posture={"workload": {"status": "pass"}, "stale": False, "age_seconds": 1.0}),
     doc(BILLING, posture={"workload": None, "stale": True, "age_seconds": None}),
+    doc(BILLING, path="/v1/invoices/8812"),
+    doc(BILLING, "PUT", "s3.us-east-1.amazonaws.com", "/acme-invoices/2026/11.pdf"),
 ]
+
+
+def sample_inputs(directory: Path) -> list[dict[str, Any]]:
+    """The ``vary_samples`` inputs of a policy directory's tests (full inputs, as Keyless builds them)."""
+    from proxy.policy.embedded import compile_modules, read_policy_dir
+
+    source = read_policy_dir(directory, with_tests=True)
+    found: list[dict[str, Any]] = []
+    for name, text in source.modules:
+        pkg = re.search(r"^package\s+([\w.]+)", text, re.MULTILINE)
+        if name.endswith("_test.rego") and pkg and re.search(r"^vary_samples\b", text, re.MULTILINE):
+            rule = f"data.{pkg.group(1)}.vary_samples"
+            _, samples = compile_modules(source, [rule], "regorus").evaluate(rule, {})
+            for docs in samples.values():
+                for d in docs:
+                    d["request"].setdefault("path_template", path_template(d["request"]["path"]))
+                    found.append(d)
+    assert found, f"no vary_samples in {directory}"
+    return found
+
+
+def docs_inputs() -> list[dict[str, Any]]:
+    """Every input document shown in docs/policy.md (```json blocks with a "request" and an "identity")."""
+    text = (REPO / "docs/policy.md").read_text()
+    found = []
+    for block in text.split("```json")[1:]:
+        try:
+            d = json.loads(block.split("```", 1)[0])
+        except json.JSONDecodeError:
+            continue
+        if isinstance(d, dict) and "request" in d and "identity" in d:
+            found.append(d)
+    assert found, "docs/policy.md shows no input document"
+    return found
 
 
 @pytest.fixture
@@ -66,21 +105,22 @@ def opa() -> Iterator[OpaProcess]:
 
 
 def _essence(d: Decision) -> tuple[Any, ...]:
-    return (d.allow, d.reason, d.credential, dict(d.params), d.cache_ttl)
+    return (d.allow, d.reason, d.credential, dict(d.params), d.cache_ttl, d.vary)
 
 
 def test_both_engines_give_identical_decisions(opa: OpaProcess) -> None:
     embedded = EmbeddedEngine.from_dir(REPO / "policies", QUERY)
 
-    async def ask_opa() -> list[Decision]:
+    async def ask_opa(table: list[dict[str, Any]]) -> list[Decision]:
         engine = OpaEngine(OpaOptions(url=opa.url, timeout_ms=2000), QUERY)
         try:
-            return [await engine.decide(d) for d in TABLE]
+            return [await engine.decide(d) for d in table]
         finally:
             await engine.aclose()
 
-    remote = asyncio.run(ask_opa())
-    local = [embedded.decide_sync(d) for d in TABLE]
+    table = TABLE + docs_inputs() + sample_inputs(REPO / "policies")
+    remote = asyncio.run(ask_opa(table))
+    local = [embedded.decide_sync(d) for d in table]
     assert [_essence(d) for d in remote] == [_essence(d) for d in local]
     assert {d.allow for d in local} == {True, False}
     # OPA's decision id and the bundle revision come back with every answer.
@@ -149,12 +189,13 @@ def test_keyless_with_opa_end_to_end(tmp_path: Path, upstream: Upstream, opa: Op
                                    "workload-jwt": {"type": "jwt"}})
     k = Keyless(tmp_path, cfg).start()
     try:
-        # The default policy sets cache_ttl, and the path is in the cache key: every request here
-        # names its own path so that each one is really decided by (the stand-in for) OPA.
+        # The default policy caches its allows by path template (cache.vary): every request here
+        # names its own template ("r7" is no identifier) so that each one is really decided by
+        # (the stand-in for) OPA.
         paths = iter(range(100))
 
         def fresh() -> str:
-            return upstream.url(f"/v1/invoices/{next(paths)}")
+            return upstream.url(f"/v1/r{next(paths)}")
 
         # A slow OPA answer for one request is refused within the timeout while others proceed.
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
@@ -225,6 +266,9 @@ def test_not_ready_until_opa_has_answered(tmp_path: Path) -> None:
     assert k.audit()[-1]["outcome"]["reason"] == "opa_unreachable"
 
 
+GUIDE_EXAMPLES = ("allowlist", "scoping", "timewindow", "posture", "scopes", "dryrun")
+
+
 def test_engines_agree_on_the_guide_examples() -> None:
     examples = REPO / "docs/policy-examples"
     ci, payroll = "spiffe://example.org/ns/ci/sa/builder", "spiffe://example.org/ns/payroll/sa/batch"
@@ -242,11 +286,12 @@ def test_engines_agree_on_the_guide_examples() -> None:
                 d = doc(ident, method, host, path, posture=posture)
                 d["context"]["time_ns"] = time_ns
                 inputs.append(d)
+    inputs += docs_inputs() + sample_inputs(examples) + sample_inputs(REPO / "policies")
     opa = OpaProcess(examples).start()
 
     async def compare() -> int:
         compared = 0
-        for name in ("allowlist", "scoping", "timewindow", "posture", "scopes", "dryrun"):
+        for name in GUIDE_EXAMPLES:
             query = f"data.keyless.examples.{name}.decision"
             local = EmbeddedEngine.from_dir(examples, query)
             remote = OpaEngine(OpaOptions(url=opa.url, timeout_ms=2000), query)
@@ -259,14 +304,14 @@ def test_engines_agree_on_the_guide_examples() -> None:
         return compared
 
     try:
-        assert asyncio.run(compare()) == 6 * len(inputs)
+        assert asyncio.run(compare()) == len(GUIDE_EXAMPLES) * len(inputs)
     finally:
         opa.stop()
 
 
 def test_time_zone_builtins_do_not_crash_the_proxy(tmp_path: Path) -> None:
-    """rego-cpp's time-zone code corrupted the heap when regopy loaded after aiohttp (see
-    proxy/__init__.py); the real proxy, which imports aiohttp, must evaluate it and stay up."""
+    """Time-zone built-ins in the real proxy (which imports aiohttp and every other extension):
+    rego-cpp, the engine before regorus, corrupted its heap on them when loaded after aiohttp."""
     payroll = "spiffe://example.org/ns/payroll/sa/batch"
     cfg = base_config(tmp_path, policy={"dir": str(REPO / "docs/policy-examples"),
                                         "decision": "data.keyless.examples.timewindow.decision"},

@@ -137,7 +137,7 @@ def test_build_input_shape() -> None:
     assert doc["identity"] == {"id": "spiffe://x/y", "attestations": [
         {"provider": "lo", "type": "source_ip", "id": "spiffe://x/y", "facts": {"cidr": "10.0.0.0/8"}}]}
     assert doc["request"] == {"method": "GET", "scheme": "https", "host": "api.example", "port": 443,
-                              "path": "/repos/acme", "query": {"page": ["2", "3"]},
+                              "path": "/repos/acme", "path_template": "/repos/acme", "query": {"page": ["2", "3"]},
                               "headers": {"user-agent": "curl/8", "accept": "a, b"}}
     assert doc["context"] == {"time": "2026-11-22T10:00:00Z", "mode": "regular"}
     json.dumps(doc)  # plain JSON, ready for any engine

@@ -16,7 +16,7 @@ test_allowlist_allows_listed_host_and_caches if {
 	d := allowlist.decision with input.identity as {"id": "spiffe://example.org/ns/ci/sa/builder", "attestations": []}
 		with input.request as {"method": "GET", "host": "raw.githubusercontent.com", "path": "/x"}
 	d.allow == true
-	d.cache_ttl == 30
+	d.cache == {"ttl": 30, "vary": ["identity.id", "request.host"]}
 }
 
 test_allowlist_denies_other_host if {
@@ -103,3 +103,22 @@ test_dryrun_forwards_what_would_be_denied if {
 		with input.request as {"method": "GET", "host": "api.github.com", "path": "/x"}
 	a.reason == "spiffe://example.org/ns/ci/sa/builder may reach api.github.com"
 }
+
+# `keyless policy test` changes every field the cached allow's vary leaves out and checks that
+# the decision stays the same (docs/policy.md, "Caching decisions").
+vary_samples := {"data.keyless.examples.allowlist.decision": [
+	{
+		"source": {"address": "10.0.4.2", "port": 41000},
+		"identity": {"id": "spiffe://example.org/ns/ci/sa/builder", "attestations": []},
+		"request": {"method": "GET", "scheme": "https", "host": "raw.githubusercontent.com", "port": 443,
+			"path": "/acme/app/main/README.md", "query": {}, "headers": {"user-agent": "git/2.43"}},
+		"context": {"time": "2026-11-22T10:00:00.000Z", "time_ns": 1795341600000000000, "mode": "regular"},
+	},
+	{
+		"source": {"address": "10.0.4.9", "port": 41001},
+		"identity": {"id": "spiffe://example.org/ns/billing/sa/api", "attestations": []},
+		"request": {"method": "POST", "scheme": "https", "host": "api.stripe.com", "port": 443,
+			"path": "/v1/charges", "query": {}, "headers": {}},
+		"context": {"time": "2026-11-22T10:00:00.000Z", "time_ns": 1795341600000000000, "mode": "regular"},
+	},
+]}

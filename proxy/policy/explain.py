@@ -1,6 +1,6 @@
 """``keyless policy explain``: which definition of the decision rule produced the decision.
 
-rego-cpp has no evaluation trace, so Keyless asks Rego itself: every definition of the decision
+The embedded engines have no evaluation trace, so Keyless asks Rego itself: every definition of the decision
 rule (each ``if`` body of an ``else`` chain, each incremental definition, the ``default``) is
 found in the source, and each body is compiled as a rule of its own in the same package and
 evaluated against the same input. The first true body of a chain is the one Rego used (``else``
@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.policy.embedded import PolicyLoadError, PolicySource, compile_modules, entrypoint, evaluate
+from proxy.policy.embedded import PolicyLoadError, PolicySource, compile_modules, evaluate
 
 _PACKAGE = re.compile(r"^package\s+([\w.]+)", re.MULTILINE)
 _IMPORT = re.compile(r"^import\s+.*$", re.MULTILINE)
@@ -151,15 +151,16 @@ def explain(source: PolicySource, query: str, input_doc: Any) -> Explanation:
     for k, b in enumerate(probes):
         extra.append(f"__keyless_explain_{k} if {{\n{b.body}\n}}")
     others = rule_names(source, package, query.rsplit(".", 1)[1])
-    entries = [entrypoint(query)] + [f"{package.replace('.', '/')}/__keyless_explain_{k}" for k in range(len(probes))]
-    entries += [f"{package.replace('.', '/')}/{r}" for r in others]
+    entries = [query] + [f"data.{package}.__keyless_explain_{k}" for k in range(len(probes))]
+    entries += [f"data.{package}.{r}" for r in others]
     probe_source = PolicySource((*source.without_tests().modules, ("(explain)", "\n".join(extra))),
                                 source.data, source.revision)
-    interp, bundle = compile_modules(probe_source, entries)
-    defined, decision = evaluate(interp, bundle, entries[0], input_doc)
+    # The interpreter: the probes are rules of their own, and it evaluates all of regorus's Rego.
+    compiled = compile_modules(probe_source, entries, "regorus")
+    defined, decision = evaluate(compiled, entries[0], input_doc)
     truth: dict[Branch, bool] = {}
     for k, b in enumerate(probes):
-        ok, value = evaluate(interp, bundle, entries[1 + k], input_doc)
+        ok, value = evaluate(compiled, entries[1 + k], input_doc)
         truth[b] = ok and value is True
     # Rego's else semantics, per chain: the first true body wins and later ones are not consulted.
     chosen: Branch | None = None
@@ -178,6 +179,6 @@ def explain(source: PolicySource, query: str, input_doc: Any) -> Explanation:
         chosen = next((b for b in branches if b.default), None)
     rules: dict[str, Any] = {}
     for r, entry in zip(others, entries[1 + len(probes):], strict=True):
-        ok, value = evaluate(interp, bundle, entry, input_doc)
+        ok, value = evaluate(compiled, entry, input_doc)
         rules[r] = value if ok else "<undefined>"
     return Explanation(decision, defined, chosen, tried, rules)

@@ -2,17 +2,78 @@
 
 Credential-bearing headers and query parameters never reach the input, so a policy (or an OPA
 decision log) can never leak them.
+
+``INPUT_FIELDS`` declares every field of the document once, each either part of the decision
+cache's strict key or uncacheable with the reason; ``proxy.policy.cache`` derives its keys from
+it, and a test builds a full input and fails when a field is in neither list.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from proxy.model import Identity, Source
 
 # Always withheld from the input, whatever the strip config says.
 _NEVER_IN_INPUT = frozenset({"authorization", "proxy-authorization", "cookie"})
+
+
+@dataclass(frozen=True, slots=True)
+class InputField:
+    """One field of the input. ``subtree``: the field is a map whose keys the caller chooses
+    (headers, query parameters, attestation facts), taken as one value."""
+
+    path: str
+    cacheable: bool
+    why: str = ""  # why an uncacheable field is left out of the strict key
+    subtree: bool = False
+
+
+INPUT_FIELDS: tuple[InputField, ...] = (
+    InputField("source.address", True),
+    InputField("source.port", False, "a new ephemeral port per connection: nothing would ever hit"),
+    InputField("identity.id", True),
+    InputField("identity.attestations", True, subtree=True),
+    InputField("request.method", True),
+    InputField("request.scheme", True),
+    InputField("request.host", True),
+    InputField("request.port", True),
+    InputField("request.path", True),
+    InputField("request.path_template", True),
+    InputField("request.query", True, subtree=True),
+    InputField("request.headers", False, "clients change them per request (user-agent, tracing ids); "
+               "a decision that reads one names it in cache.vary", subtree=True),
+    InputField("context.time", False, "the clock"),
+    InputField("context.time_ns", False, "the clock"),
+    InputField("context.mode", True),
+    InputField("context.posture.workload", True, subtree=True),
+    InputField("context.posture.stale", True),
+    InputField("context.posture.age_seconds", False, "changes every millisecond; `stale` is in the key"),
+    InputField("destination.address", True),
+    InputField("destination.port", True),
+)
+
+# --- request.path_template ---------------------------------------------------------------------
+# A path segment is an identifier, and becomes "{id}", when it is all decimal digits, a UUID, or
+# at least 16 characters of [A-Za-z0-9_-] with at least one digit (hex digests, ObjectIds, Stripe
+# ids). Anything else is kept as written: "v1", "invoices", "acme", "billing" stay.
+_DIGITS = re.compile(r"[0-9]+")
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+_TOKEN = re.compile(r"(?=[A-Za-z_-]*[0-9])[A-Za-z0-9_-]{16,}")
+ID_PLACEHOLDER = "{id}"
+
+
+def path_template(path: str) -> str:
+    """``/v1/invoices/123/lines/9f1c...`` -> ``/v1/invoices/{id}/lines/{id}`` (rule above)."""
+    return "/".join(ID_PLACEHOLDER if _is_id(seg) else seg for seg in path.split("/"))
+
+
+def _is_id(segment: str) -> bool:
+    return bool(segment) and (_DIGITS.fullmatch(segment) is not None or _UUID.fullmatch(segment) is not None
+                              or _TOKEN.fullmatch(segment) is not None)
 
 
 def build_input(
@@ -30,6 +91,9 @@ def build_input(
     secret_params: frozenset[str],
     time: str,
     mode: str,
+    time_ns: int | None = None,
+    posture: dict[str, Any] | None = None,
+    destination: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     hdrs: dict[str, str] = {}
     for name, value in headers:
@@ -41,7 +105,12 @@ def build_input(
     for name, value in query:
         if name.lower() not in secret_params:
             q.setdefault(name, []).append(value)
-    return {
+    context: dict[str, Any] = {"time": time, "mode": mode}
+    if time_ns is not None:
+        context["time_ns"] = time_ns
+    if posture is not None:
+        context["posture"] = posture
+    doc: dict[str, Any] = {
         "source": {"address": source.address, "port": source.port},
         "identity": identity.as_input(),
         "request": {
@@ -50,8 +119,12 @@ def build_input(
             "host": host,
             "port": port,
             "path": path,
+            "path_template": path_template(path),
             "query": q,
             "headers": hdrs,
         },
-        "context": {"time": time, "mode": mode},
+        "context": context,
     }
+    if destination is not None:
+        doc["destination"] = destination
+    return doc

@@ -10,8 +10,9 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from proxy.confread import Section
+from proxy.policy.engines import NAMES
 
-ENGINES = ("embedded", "opa")
+ENGINES = NAMES  # every name policy.engine accepts (the registry is proxy.policy.engines)
 DEFAULT_OPA_URL = "http://127.0.0.1:8181"
 
 

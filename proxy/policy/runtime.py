@@ -16,6 +16,7 @@ from typing import Any
 from proxy.policy import PolicyEngine
 from proxy.policy.cache import CachingEngine
 from proxy.policy.embedded import PolicyLoadError
+from proxy.policy.engines import resolve
 from proxy.policy.opa import OpaEngine
 from proxy.policy.options import PolicyExtras
 from proxy.policy.posture import Posture
@@ -80,22 +81,23 @@ def build_policy(engine_kind: str, directory: Path, query: str, extras: PolicyEx
     """Raise PolicyLoadError listing every problem with the policy in force at start."""
     posture = Posture(extras.posture) if extras.posture is not None else None
     base: ReloadingEngine | OpaEngine
-    if engine_kind == "opa":
+    spec = resolve(engine_kind)
+    if spec.compile is None:
         if directory.is_dir():
             # Not what OPA will serve, but the same files usually are: catch mistakes early.
-            vet(DirLoader(directory, 1.0).changed() or _never(), query, extras.reload.run_tests)
+            vet(DirLoader(directory, 1.0).changed() or _never(), query, extras.reload.run_tests, spec.tests)
         base = OpaEngine(extras.opa, query)
     else:
         loader = make_loader(directory, extras)
         source = loader.changed()
         if source is None:
             raise PolicyLoadError([f"{loader.name}: no policy"])
-        engine = vet(source, query, extras.reload.run_tests)
+        engine = vet(source, query, extras.reload.run_tests, spec.name)
         base = ReloadingEngine(engine, loader if extras.reload.enabled else None, extras.reload.run_tests)
     cache = CachingEngine(base, extras.cache_entries)
     if isinstance(base, ReloadingEngine):
         base.on_swap.append(cache.clear)
-    return PolicyRuntime(cache, base, cache, posture, engine_kind)
+    return PolicyRuntime(cache, base, cache, posture, spec.name)
 
 
 def _never() -> Any:
