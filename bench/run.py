@@ -242,8 +242,8 @@ TARGETS: list[Target] = [
                 "audit to a file"),
     Target("keyless-uncached", "keyless", config=_static_uncached,
            note="keyless-static with the cache removed from every decision: Rego evaluated every request"),
-    Target("keyless-uncached-interp", "keyless", config=lambda env: _engine(_static_uncached(env), "regorus"),
-           note="keyless-uncached on regorus's interpreter (policy.engine: regorus)"),
+    Target("keyless-uncached-rvm", "keyless", config=lambda env: _engine(_static_uncached(env), "regorus-rvm"),
+           note="keyless-uncached on regorus's RVM (policy.engine: regorus-rvm; not the default: docs/policy.md)"),
     Target("keyless-varied", "keyless", path=VARIED_PATH, config=_varied,
            note="a distinct invoice id per request; the default policy, whose allow varies on "
                 "request.path_template: one evaluation serves every id"),

@@ -1,16 +1,21 @@
 """The request path in security order, written once, as plain functions over typed values.
 
+    framing      nothing proxy.wirepatch flagged or mitmproxy will not forward; no declared
+                 body over listen.max_request_body
     destination  the canonical Target (proxy.authority); in transparent mode the name behind the
                  dialled address
     attest       every trust provider, combined into one Identity
+    trace        TRACE never carries a credential (egress.trace), whatever the policy says
     authority    CONNECT authority == TLS SNI == Host header == absolute-form target, else 421
     path         no dot-segments that a server would normalise past a path-prefix grant
     input        one builder (proxy.policy.input); the decision-cache key derives from it
     decide       the engine's strictly parsed decision; a deny ends here
+    audit        the trail can be written, or nothing credentialed leaves (audit_unavailable)
+    pin          resolve the destination once; every answer checked; only those are dialled
     strip        whatever credential the app sent
     inject       the credential the decision named, minted for the canonical name
     forward      only to a connection an allowed request asked for (``check_upstream``)
-    audit        exactly one terminal record per request (``finish``)
+    record       exactly one terminal record per request (``finish``)
 
 ``proxy.addon`` is the only caller: it turns each mitmproxy hook into one of the methods below
 and wraps every hook in one guard, so any exception raised here becomes a refusal and one audit

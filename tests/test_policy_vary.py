@@ -220,7 +220,7 @@ def test_distinct_paths_are_decided_once_end_to_end(tmp_path: Path, upstream: Up
     finally:
         k.stop()
     assert codes == ["200"] * 30
-    assert status["engine"] == "regorus-rvm"
+    assert status["engine"] == "regorus"
     assert status["cache"]["misses"] == 1 and status["cache"]["hits"] == 29 and status["cache"]["vary_lists"] == 1
     records = wait_for_audit(k, 30)
     assert [r["decision"]["cached"] for r in records] == [False] + [True] * 29

@@ -40,7 +40,7 @@ class EmbeddedEngine:
             raise PolicyLoadError([f"no rule {query} in the policy (check policy.decision)"])
         # The compiler checks every rule the decision reaches (the interpreter finds a misspelt
         # built-in only when a request reaches it); the RVM compiles it anyway.
-        if self.engine != DEFAULT_EMBEDDED:
+        if self.engine != "regorus-rvm":
             check_compiles(source.without_tests(), [query])
         self._compiled = compile_modules(source.without_tests(), [query], engine)
         self._source = f"policy({query})"
