@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -313,3 +314,51 @@ def test_bad_input_gets_one_clear_line(world: World) -> None:
     out = keyless(["policy", "replay", "--audit", str(world.log), "--policy", str(broken)], ok=(2,))
     assert out.stdout == "" and len(out.stderr.splitlines()) == 1, out.stderr
     assert out.stderr.startswith(f"candidate {broken}: ") and "learned.rego:" in out.stderr, out.stderr
+
+
+SHADOW_ERRORS = """\
+package keyless.egress
+
+import rego.v1
+
+# A candidate that fails on /v1/charges/abc (a malformed decision) and denies everything else.
+decision := {"allow": "yes"} if {
+	input.request.path == "/v1/charges/abc"
+} else := {"allow": false, "reason": "REVISION"}
+"""
+
+
+def test_shadow_errors_and_reloads_never_change_a_response(world: World) -> None:
+    cand = world.tmp / "erring"
+    cand.mkdir()
+    (cand / "egress.rego").write_text(SHADOW_ERRORS.replace("REVISION", "one"))
+    k = world.config("shadow-errors", {"dir": str(world.tmp / "permissive"), "shadow": str(cand),
+                                        "reload": {"interval": 0.1}}).start()
+    try:
+        first = [call(k, world.upstream, c) for c in (CALLS[0], UNSEEN[3])]
+        (cand / "egress.rego").write_text(SHADOW_ERRORS.replace("REVISION", "two"))
+        deadline = time.monotonic() + 10
+        while "reloaded" not in k.log_file.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        second = call(k, world.upstream, CALLS[0])
+        records = wait_for_audit(k, 3)
+    finally:
+        k.stop()
+    assert [r.status for r in (*first, second)] == [200, 200, 200]
+    one, err, two = (r["shadow"] for r in records)
+    assert (one["allow"], one["reason"]) == (False, "one")
+    assert err["allow"] is False and err["error"] == "malformed_decision" and "'allow' must be" in err["reason"]
+    assert (two["allow"], two["reason"]) == (False, "two") and two["revision"] != one["revision"]
+    assert all(r["decision"]["allow"] and r["outcome"]["error"] is None for r in records)
+
+
+def test_check_reports_a_missing_or_broken_shadow(world: World) -> None:
+    missing = world.config("check-missing", {"dir": str(world.learned), "shadow": str(world.tmp / "nope")})
+    out = keyless(["check", "-c", str(missing.config_file)], ok=(2,))
+    assert f"policy.shadow: no policy directory or bundle file at {world.tmp / 'nope'}" in out.stderr, out.stderr
+    broken = world.tmp / "broken-shadow"
+    broken.mkdir()
+    (broken / "egress.rego").write_text("package keyless.egress\n\ndecision := {\n")
+    k = world.config("check-broken", {"dir": str(world.learned), "shadow": str(broken)})
+    out = keyless(["check", "-c", str(k.config_file)], ok=(2,))
+    assert "policy: shadow: " in out.stderr and "egress.rego" in out.stderr, out.stderr
