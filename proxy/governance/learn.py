@@ -139,6 +139,9 @@ def report(learned: Learned) -> str:
             lines.append(f"  {k.method:<7} {k.host}:{k.port:<6} {k.path:<36} {k.credential or '-':<12} "
                          f"{s.count:>5} call{'s' if s.count != 1 else ' '}  {s.first} .. {s.last}")
     lines.append(summary(learned))
+    for route, creds in conflicts(learned).items():
+        lines.append(f"warning: {route} was called with {len(creds)} credentials ({', '.join(creds)}): "
+                     f"the first, {creds[0]}, is the one the emitted policy names; review it")
     newest = learned.last_new()
     if newest is not None:
         k, s = newest
@@ -146,6 +149,16 @@ def report(learned: Learned) -> str:
                      f"{learned.decisions + learned.undecided}; log ends {learned.last_time}): "
                      f"{k.method} {k.host}:{k.port}{k.path} for {k.identity}")
     return "\n".join(lines)
+
+
+def conflicts(learned: Learned) -> dict[str, list[str]]:
+    """Routes seen with more than one credential (the policy changed, or the app calls one API
+    two ways): the emitted table's first row wins, which a reviewer must confirm."""
+    found: dict[str, list[str]] = {}
+    for k in sorted(learned.tuples):
+        route = f"{k.identity} {k.method} {k.host}:{k.port}{k.path}"
+        found.setdefault(route, []).append(k.credential or "none")
+    return {r: c for r, c in found.items() if len(c) > 1}
 
 
 def summary(learned: Learned) -> str:
@@ -330,11 +343,15 @@ def tests_module(learned: Learned) -> str:
     for k in sorted(learned.tuples):
         for path, doc in learned.tuples[k].examples.items():
             n += 1
-            lines += [f"# {k.identity} {k.method} {k.host}:{k.port}{path} -> {k.credential or 'no credential'}",
+            # The credential the table gives: the first matching row's (see conflicts()).
+            chosen = learned.allows(k.identity, k.method, k.host, k.port, path)
+            credential = chosen.credential if chosen is not None else k.credential
+            lines += [f"# {k.identity} {k.method} {k.host}:{k.port}{path} -> {credential or 'no credential'}"
+                      + (f" (recorded with {k.credential})" if credential != k.credential else ""),
                       f"test_recorded_{n:04d}_allowed if {{",
                       f"\td := egress.decision with input as {_literal(doc)}",
                       "\td.allow == true",
-                      f"\td.credential == {_literal(k.credential)}",
+                      f"\td.credential == {_literal(credential)}",
                       "}", ""]
             if len(samples) < 8:
                 samples.append(doc)

@@ -89,3 +89,17 @@ def test_a_shadow_that_errors_answers_and_one_that_fails_to_compile_is_a_config_
     assert all(p.startswith("shadow: ") for p in e.value.problems) and "p.rego" in e.value.problems[0]
     with pytest.raises(PolicyLoadError, match="no policy directory or bundle file"):
         build_shadow(tmp_path / "nope", "embedded", "data.keyless.egress.decision", PolicyExtras())
+
+
+def test_a_route_seen_with_two_credentials_is_flagged_and_its_tests_match_the_table(tmp_path: Path) -> None:
+    from proxy.governance.learn import conflicts, emit, report
+    from proxy.policy.testing import run_tests
+
+    one, two = record(0, "w", "GET", "/v1/x/1"), record(1, "w", "GET", "/v1/x/2")
+    two["result"] = {"allow": True, "credential": "other"}
+    got = learn([Entry("a.log", 1, one), Entry("a.log", 2, two)])
+    assert conflicts(got) == {"w GET api.example:443/v1/x/{id}": ["k", "other"]}
+    assert "warning: w GET api.example:443/v1/x/{id} was called with 2 credentials (k, other)" in report(got)
+    emit(got, tmp_path / "out")
+    results = run_tests(tmp_path / "out")
+    assert results and all(r.passed for r in results), [r for r in results if not r.passed]
