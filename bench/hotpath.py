@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 
-def build(tmp: Path, cache: bool) -> Any:
+def build(tmp: Path, cache: bool, shadow: bool = False) -> Any:
     from run import CACHED_DECISION, UNCACHED_DECISION, cached_policy_dir  # bench/run.py
 
     from proxy.audit import JsonLinesSink
@@ -50,17 +50,23 @@ def build(tmp: Path, cache: bool) -> Any:
     }
     cfg = parse_config(raw, tmp / "keyless.yaml")
     prep = prepare(cfg)
-    return Pipeline(cfg, prep.engine, prep.signer, JsonLinesSink(cfg.audit.path), prep.trust, prep.credentials)
+    pipeline = Pipeline(cfg, prep.engine, prep.signer, JsonLinesSink(cfg.audit.path), prep.trust, prep.credentials)
+    if shadow:
+        # policy.shadow naming the same policy: the candidate costs what the enforcing one does.
+        from proxy.governance.shadow import build_shadow
+
+        pipeline.shadow = build_shadow(Path(policy["dir"]), "embedded", policy["decision"], cfg.policy.extras)
+    return pipeline
 
 
-async def measure(n: int, batches: int, jwt: bool, cache: bool = True) -> dict[str, float]:
+async def measure(n: int, batches: int, jwt: bool, cache: bool = True, shadow: bool = False) -> dict[str, float]:
     from mitmproxy import http
 
     from proxy.addon import view
     from proxy.pipeline import Connection
 
     tmp = Path(tempfile.mkdtemp(prefix="keyless-hotpath-"))
-    pipeline = build(tmp, cache)
+    pipeline = build(tmp, cache, shadow)
     method, path = ("POST", "/v1/reports/x") if jwt else ("GET", "/v1/bench?page=2")
     headers = {"Host": "127.0.0.1:9000", "User-Agent": "keyless-bench", "Accept": "*/*",
                "Authorization": "Bearer app-own"}

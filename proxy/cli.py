@@ -1,4 +1,5 @@
-"""``keyless``: run | check | init | ca | env | iptables | injector | demo | demo-api | policy test | eval | explain."""
+"""``keyless``: run | check | init | ca | env | iptables | injector | demo | demo-api | learn |
+policy test | eval | explain | replay."""
 
 from __future__ import annotations
 
@@ -437,6 +438,10 @@ def parser() -> argparse.ArgumentParser:
     from proxy.audit.cli import add_commands
 
     add_commands(sub, DEFAULT_CONFIG)
+    # keyless learn, keyless policy replay (proxy/governance, docs/learning.md)
+    from proxy.governance.cli import add_commands as add_governance
+
+    add_governance(sub, pol, DEFAULT_CONFIG)
     return p
 
 

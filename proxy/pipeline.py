@@ -36,13 +36,14 @@ from cryptography import x509
 
 from proxy import answers
 from proxy.audit import AuditSink
-from proxy.audit.event import AuditEvent, Outcome, RequestRecord
+from proxy.audit.event import AuditEvent, Outcome, RequestRecord, ShadowRecord
 from proxy.audit.mask import mask_input
 from proxy.authority import Target, check_authority, cut, target
 from proxy.config import Config
 from proxy.credentials import CREDENTIALS, CredentialProvider, Runtime
 from proxy.egress import Egress, Pin, describe_peer
 from proxy.errors import ConfigError, KeylessError
+from proxy.governance.shadow import Shadow
 from proxy.model import ANONYMOUS, Attestation, Decision, Grant, GrantContext, Identity, OutboundRequest, Source
 from proxy.paths import check_path
 from proxy.policy import PolicyEngine, PolicyUnavailable
@@ -118,6 +119,8 @@ class Exchange:
     audited: bool = False
     # The policy input document as the engine saw it (the audit record keeps a masked copy).
     input: dict[str, Any] | None = None
+    # What the policy.shadow candidate would have decided (recorded, never enforced).
+    shadow: ShadowRecord | None = None
 
     @property
     def refused(self) -> bool:
@@ -151,6 +154,8 @@ class Pipeline:
                                      if CREDENTIALS[p.type].requires_request_body)
         # Posture by workload id for input.context.posture (set by the server when configured).
         self.posture: Callable[[str | None], dict[str, Any]] | None = None
+        # policy.shadow (set by the server when configured): asked beside the engine, never raises.
+        self.shadow: Shadow | None = None
         # Per client connection: the CONNECT authority its tunnel was opened for; what that
         # CONNECT's Proxy-Authorization proved (inside the tunnel nothing is re-presented); and
         # the upstream (host, port) pairs an allowed request asked for, each with the checked
@@ -251,6 +256,11 @@ class Pipeline:
         doc = self.policy_input(ex, method=view.method, scheme=view.scheme, host=host, port=view.port,
                                 path=view.path, query=view.query, headers=view.headers, destination=destination)
         ex.input = doc
+        # shadow: the candidate sees the same input first, so that an enforcing error or deny
+        # still leaves its answer in the record; it cannot change what follows
+        if self.shadow is not None:
+            ex.shadow = s = await self.shadow.decide(doc)
+            self.telemetry.shadowed(s.revision, s.allow, s.error)
         # decide
         started = time.perf_counter()
         try:
@@ -409,7 +419,7 @@ class Pipeline:
             engine_revision=self.engine.revision, grant=ex.grant, stripped=ex.stripped, reflected=ex.reflected,
             outcome=outcome(ex, status), latency_ms=round((time.perf_counter() - ex.started) * 1000, 3),
             input=recorded, erased=tuple(erased), masked=tuple(masked),
-            bundles={"keyless": {"revision": self.revision_of(ex)}}, labels=self.labels,
+            bundles={"keyless": {"revision": self.revision_of(ex)}}, labels=self.labels, shadow=ex.shadow,
         )
 
     def revision_of(self, ex: Exchange) -> str:

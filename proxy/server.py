@@ -18,6 +18,7 @@ from proxy.ca import ensure_ca
 from proxy.config import Config
 from proxy.credentials import CredentialProvider
 from proxy.errors import ConfigError
+from proxy.governance.shadow import Shadow, build_shadow
 from proxy.model import set_fingerprint_key
 from proxy.pipeline import Pipeline
 from proxy.policy import PolicyEngine
@@ -37,6 +38,7 @@ class Prepared:
     trust: list[TrustProvider]
     credentials: dict[str, CredentialProvider]
     policy: PolicyRuntime | None = None
+    shadow: Shadow | None = None  # policy.shadow, evaluated beside the engine (docs/learning.md)
 
 
 def prepare(config: Config) -> Prepared:
@@ -54,6 +56,13 @@ def prepare(config: Config) -> Prepared:
                               config.policy.extras)
     except PolicyLoadError as e:
         problems.extend(f"policy: {p}" for p in e.problems)
+    shadow: Shadow | None = None
+    if config.policy.extras.shadow is not None:
+        try:
+            shadow = build_shadow(config.policy.extras.shadow, config.policy.engine, config.policy.decision,
+                                  config.policy.extras)
+        except PolicyLoadError as e:
+            problems.extend(f"policy: {p}" for p in e.problems)
     trust: list[TrustProvider] = []
     credentials: dict[str, CredentialProvider] = {}
     if signer is not None:
@@ -66,7 +75,7 @@ def prepare(config: Config) -> Prepared:
     if signer is None or policy is None:
         raise RuntimeError("invariant broken: no signer or policy without a problem")
     set_fingerprint_key(signer.derived_key(b"audit-fingerprint"))
-    return Prepared(config, signer, policy.engine, trust, credentials, policy)
+    return Prepared(config, signer, policy.engine, trust, credentials, policy, shadow)
 
 
 def load_and_prepare(path: Path) -> Prepared:
@@ -123,6 +132,7 @@ async def serve(prep: Prepared, *, reuse_port: bool = False) -> int:
     from proxy.observe import instrument
 
     instrument(pipeline, sink, policy)
+    pipeline.shadow = prep.shadow
     if policy is not None and policy.posture is not None:
         pipeline.posture = policy.posture.lookup
 
@@ -227,6 +237,8 @@ async def serve(prep: Prepared, *, reuse_port: bool = False) -> int:
     gc.freeze()
     if policy is not None:
         await policy.start()
+    if prep.shadow is not None:
+        await prep.shadow.start()
     await sink.start({"version": pipeline.labels.get("version"), "policy_revision": prep.engine.revision})
     ticker = loop.create_task(_tick(sink))
     flushed = False
@@ -243,6 +255,8 @@ async def serve(prep: Prepared, *, reuse_port: bool = False) -> int:
         ticker.cancel()
         if policy is not None:
             await policy.stop()
+        if prep.shadow is not None:
+            await prep.shadow.stop()
         # Every record written (spool flushed, final checkpoint signed) or a non-zero exit.
         flushed = await sink.aclose()
         if runner is not None:

@@ -53,6 +53,9 @@ class Telemetry:
                                            "Credentials that could not be injected", ("credential",), registry=r)
         self.connections = Gauge("keyless_connections_open", "Client connections open", registry=r)
         self.connections_total = Counter("keyless_connections", "Client connections accepted", registry=r)
+        # Bounded: one revision label per shadow policy version loaded (docs/learning.md).
+        self.shadow = Counter("keyless_shadow_decisions", "What the policy.shadow candidate would have decided, "
+                              "by candidate revision", ("revision", "result"), registry=r)
         self.reloads = Counter("keyless_sighup_reloads", "SIGHUP reloads by result", ("result",), registry=r)
         self._state: dict[str, str | None] = {}
 
@@ -64,6 +67,9 @@ class Telemetry:
     def decided(self, result: str, cached: bool, seconds: float) -> None:
         self.decisions.labels(result, "true" if cached else "false").inc()
         self.decision_seconds.observe(seconds)
+
+    def shadowed(self, revision: str, allow: bool, error: str | None) -> None:
+        self.shadow.labels(revision, "error" if error else "would_allow" if allow else "would_deny").inc()
 
     def credential(self, name: str, seconds: float, ok: bool) -> None:
         self.credential_seconds.labels(name).observe(seconds)

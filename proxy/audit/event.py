@@ -66,6 +66,25 @@ class Outcome:
 
 
 @dataclass(frozen=True, slots=True)
+class ShadowRecord:
+    """What the ``policy.shadow`` candidate would have decided (it changed nothing). ``error``:
+    the candidate failed on this input (a would-deny: Keyless would have refused with 503)."""
+
+    allow: bool
+    reason: str
+    revision: str
+    credential: str | None = None
+    error: str | None = None
+
+    def as_record(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"allow": self.allow, "reason": self.reason, "revision": self.revision,
+                               "credential": self.credential}
+        if self.error is not None:
+            out["error"] = self.error
+        return out
+
+
+@dataclass(frozen=True, slots=True)
 class AuditEvent:
     decision_id: str
     time: str
@@ -90,6 +109,8 @@ class AuditEvent:
     masked: tuple[str, ...] = ()
     bundles: dict[str, Any] | None = None
     labels: dict[str, str] | None = None
+    # The shadow candidate's decision (docs/learning.md); None when policy.shadow is not set.
+    shadow: ShadowRecord | None = None
 
     @property
     def revision(self) -> str:
@@ -124,6 +145,8 @@ class AuditEvent:
             record["erased"] = list(self.erased)
         if self.masked:
             record["masked"] = list(self.masked)
+        if self.shadow is not None:
+            record["shadow"] = self.shadow.as_record()
         return record
 
 

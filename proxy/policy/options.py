@@ -63,6 +63,9 @@ class PolicyExtras:
     reload: ReloadOptions = field(default_factory=ReloadOptions)
     cache_entries: int = 10000
     posture: PostureOptions | None = None
+    # ``policy.shadow``: a candidate policy (directory or bundle file) evaluated beside this one
+    # on every request, recorded and counted, never enforced (proxy/governance/shadow.py).
+    shadow: Path | None = None
 
 
 def parse_extras(s: Section, engine: str) -> PolicyExtras:
@@ -120,7 +123,12 @@ def parse_extras(s: Section, engine: str) -> PolicyExtras:
         if (posture.file is None) == (posture.url is None):
             p.error("set exactly one of file or url")
         p.done()
-    return PolicyExtras(opa, bundle, reload, cache_entries, posture)
+
+    shadow: Path | None = s.path_value("shadow", None)
+    if shadow is not None and not shadow.exists():
+        s.error(f"no policy directory or bundle file at {shadow}", "shadow")
+        shadow = None
+    return PolicyExtras(opa, bundle, reload, cache_entries, posture, shadow)
 
 
 def _url(s: Section, key: str, default: str | None) -> str | None:
