@@ -90,6 +90,9 @@ class AuditEvent:
     masked: tuple[str, ...] = ()
     bundles: dict[str, Any] | None = None
     labels: dict[str, str] | None = None
+    # A request to an MCP server (proxy.agents.gate.McpGate.audit): server, method, tool, the
+    # arguments' keyed fingerprint, user and agent; what a tools/list filtering kept.
+    mcp: dict[str, Any] | None = None
 
     @property
     def revision(self) -> str:
@@ -124,6 +127,8 @@ class AuditEvent:
             record["erased"] = list(self.erased)
         if self.masked:
             record["masked"] = list(self.masked)
+        if self.mcp is not None:
+            record["mcp"] = self.mcp
         return record
 
 
