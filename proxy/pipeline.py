@@ -261,6 +261,7 @@ class Pipeline:
         # mcp: a JSON-RPC message is decided on its body, which mitmproxy buffers for it
         ex.mcp = await self.mcp.head(doc, host, view.port, view.method, view.path, view.headers)
         if ex.mcp is not None and ex.mcp.pending:
+            self.mcp.check_declared(ex.mcp)
             return None
         return await self.decide_input(ex, doc)
 

@@ -50,6 +50,8 @@ class McpPeer:
     server: MCPServer = field(default_factory=make_server)
     port: int = 0
     authorizations: list[str | None] = field(default_factory=list)
+    # Every request's headers as received, to prove what never arrived.
+    headers: list[list[tuple[str, str]]] = field(default_factory=list)
     _uvicorn: uvicorn.Server | None = None
 
     @property
@@ -61,6 +63,7 @@ class McpPeer:
                           send: Callable[[Any], Awaitable[None]]) -> None:
             if scope["type"] == "http":
                 auth = dict(scope["headers"]).get(b"authorization")
+                self.headers.append([(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]])
                 self.authorizations.append(auth.decode() if auth else None)
             await app(scope, receive, send)
         return wrapped

@@ -83,13 +83,16 @@ class McpGate:
             return None
         call = McpCall(server, method.upper(), tuple(headers), user=user)
         if call.http_method == "POST":
-            declared = [v for k, v in headers if k.lower() == "content-length"]
-            if declared and declared[0].strip().isdigit() and int(declared[0]) > self.config.max_body:
-                raise self._too_large()
             call.pending = True
         else:
             doc["mcp"] = transport_input(server.name, call.http_method, headers)
         return call
+
+    def check_declared(self, call: McpCall) -> None:
+        """Refuse a POST whose Content-Length is over mcp.max_body before its body is read."""
+        declared = header(call.headers, "content-length")
+        if declared and declared[0].strip().isdigit() and int(declared[0]) > self.config.max_body:
+            raise self._too_large()
 
     def body(self, call: McpCall, body: bytes | None, doc: dict[str, Any]) -> None:
         """The buffered body of a POST: parse it into ``doc["mcp"]``; raises McpError."""
