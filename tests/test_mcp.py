@@ -21,6 +21,7 @@ import httpx2
 import jwt
 import pytest
 import requests
+from mcp.client.client import Client
 from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
@@ -61,27 +62,35 @@ def static_credential(tmp: Path) -> dict[str, Any]:
 
 
 @asynccontextmanager
-async def session(k: Keyless, peer: McpPeer, user_token: str | None) -> AsyncIterator[ClientSession]:
+async def session(k: Keyless, peer: McpPeer, user_token: str | None, mode: str = "legacy") -> AsyncIterator[Any]:
+    """An MCP client session through Keyless: ``legacy`` is the initialize handshake (the SDK's
+    ClientSession negotiates 2025-11-25); a version pins the SDK's Client to that revision."""
     headers = {"Keyless-User-Token": user_token} if user_token else {}
-    async with (httpx2.AsyncClient(proxy=k.proxy_url, headers=headers, timeout=30) as http,
-                streamable_http_client(peer.url, http_client=http) as (read, write),
-                ClientSession(read, write) as s):
-        await s.initialize()
-        yield s
+    async with httpx2.AsyncClient(proxy=k.proxy_url, headers=headers, timeout=30) as http:
+        if mode == "legacy":
+            async with (streamable_http_client(peer.url, http_client=http) as (read, write),
+                        ClientSession(read, write) as s):
+                await s.initialize()
+                yield s
+        else:
+            async with Client(streamable_http_client(peer.url, http_client=http), mode=mode) as c:  # type: ignore[arg-type]
+                yield c
 
 
 def run(coro: Any) -> Any:
     return asyncio.run(asyncio.wait_for(coro, 60))
 
 
+@pytest.mark.parametrize("mode", ["legacy", "2026-07-28"])
 @pytest.mark.parametrize("json_response", [True, False], ids=["json", "sse"])
-def test_tool_calls_and_listing_through_keyless(tmp_path: Path, users: Issuer, json_response: bool) -> None:
+def test_tool_calls_and_listing_through_keyless(tmp_path: Path, users: Issuer, json_response: bool,
+                                                mode: str) -> None:
     peer = McpPeer(json_response=json_response).start()
     k = Keyless(tmp_path, mcp_config(tmp_path, peer, users, static_credential(tmp_path))).start()
     alice = users.mint(sub="alice")
 
     async def agent() -> dict[str, Any]:
-        async with session(k, peer, alice) as s:
+        async with session(k, peer, alice, mode) as s:
             listed = sorted(t.name for t in (await s.list_tools()).tools)
             ok = await s.call_tool("create_issue", {"repo": "acme/app", "title": "bug"})
             with pytest.raises(MCPError) as refused:
@@ -118,6 +127,14 @@ def test_tool_calls_and_listing_through_keyless(tmp_path: Path, users: Issuer, j
     assert listing["mcp"]["tools"]["allowed"] == ["create_issue"]
     assert sorted(listing["mcp"]["tools"]["listed"]) == ["create_issue", "delete_repo", "search"]
     assert alice not in log and alice not in k.audit_file.read_text()
+    if mode != "legacy":
+        # The per-request envelope carries the routing headers Keyless checked against the body.
+        sent = [dict(h) for h in peer.headers]
+        assert any(h.get("mcp-method") == "tools/call" and h.get("mcp-name") == "create_issue" for h in sent)
+    versions = sorted({r["input"]["mcp"]["protocol_version"] for r in records if r.get("input", {}).get("mcp")}
+                      - {None})
+    print(f"\nMCP protocol revisions seen: {versions}; methods: "
+          f"{sorted({r['mcp']['method'] or r['request']['method'] for r in records if 'mcp' in r})}")
 
 
 def test_a_changed_tool_description_reaches_the_policy(tmp_path: Path, users: Issuer) -> None:
