@@ -144,8 +144,7 @@ class McpGate:
         """The filtered tools/list response body (None: unchanged)."""
         if len(body) > self.config.max_list_body:
             raise KeylessError("response_too_large", "tools/list response exceeds mcp.max_list_body", "mcp")
-        rpc_id = call.message.id if call.message is not None else None
-        out, call.listing = await filter_tools_list(body, content_type, rpc_id, call.server.key, self.pins, allow)
+        out, call.listing = await filter_tools_list(body, content_type, call.server.key, self.pins, allow)
         return out
 
     @staticmethod

@@ -7,7 +7,11 @@ acts on what it parses: a message the two could read differently must never pass
   removed batching, and one decision per message is the only sound reading);
 * ``jsonrpc`` is ``"2.0"``; ``method`` a string; ``id`` a string or an integer (never null,
   never a float or boolean); ``params`` an object when present;
-* duplicate keys anywhere are refused (Python's json keeps the last, other parsers the first);
+* duplicate keys anywhere are refused (Python's json keeps the last, other parsers the first),
+  and in the envelope and ``params`` also keys that differ only in case (a case-insensitive
+  server binding ``Name`` would call another tool than the one decided on);
+* a notification is a ``notifications/*`` method: a ``tools/call`` without an id would
+  otherwise pass as a notification that a lenient server still runs;
 * the ``Mcp-Method`` and ``Mcp-Name`` headers, where sent, equal the body's method and the
   named parameter (``name`` for tools/call and prompts/get, ``uri`` for resources/read), and
   ``MCP-Protocol-Version`` equals a version the body names.
@@ -153,6 +157,9 @@ def parse_message(body: bytes, headers: Sequence[tuple[str, str]]) -> McpMessage
             raise McpError("bad_request", "malformed JSON-RPC: method must be a non-empty string",
                            INVALID_REQUEST, answer_id)
         kind = "request" if "id" in doc else "notification"
+        if kind == "notification" and not method.startswith("notifications/"):
+            raise McpError("bad_request", f"malformed JSON-RPC: {method[:60]!r} without an id is not a notification",
+                           INVALID_REQUEST)
         if "result" in doc or "error" in doc:
             raise McpError("bad_request", "malformed JSON-RPC: a request has no result or error",
                            INVALID_REQUEST, answer_id)
@@ -164,6 +171,10 @@ def parse_message(body: bytes, headers: Sequence[tuple[str, str]]) -> McpMessage
     params = doc.get("params", {})
     if not isinstance(params, dict):
         raise McpError("bad_request", "malformed JSON-RPC: params must be an object", INVALID_REQUEST, answer_id)
+    for obj in (doc, params):
+        if len({k.casefold() for k in obj}) != len(obj):
+            raise McpError("bad_request", "malformed JSON-RPC: keys that differ only in case", INVALID_REQUEST,
+                           answer_id)
     if method == "tools/call":
         if not isinstance(params.get("name"), str):
             raise McpError("bad_request", "malformed tools/call: params.name must be a string", INVALID_REQUEST,

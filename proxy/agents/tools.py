@@ -72,11 +72,12 @@ class Listing:
         return {"listed": self.listed, "allowed": self.allowed, "changed": self.changed}
 
 
-async def _filter_one(message: Any, rpc_id: str | int | None, server: str, pins: ToolPins, allow: Allow,
+async def _filter_one(message: Any, server: str, pins: ToolPins, allow: Allow,
                       listing: Listing) -> dict[str, Any] | None:
-    """The filtered message when it is the tools/list result answering ``rpc_id``, else None."""
+    """The filtered message when it is a tools/list result, else None. Whatever its id: a result
+    under another id (or a second one) is filtered too, never handed on whole."""
     tools = listed_tools(message)
-    if tools is None or message.get("id") != rpc_id:
+    if tools is None:
         return None
     permitted: set[str] = set()
     for tool in tools:
@@ -95,8 +96,8 @@ def _dump(doc: Any) -> str:
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
 
 
-async def filter_tools_list(body: bytes, content_type: str | None, rpc_id: str | int | None, server: str,
-                            pins: ToolPins, allow: Allow) -> tuple[bytes | None, Listing]:
+async def filter_tools_list(body: bytes, content_type: str | None, server: str, pins: ToolPins,
+                            allow: Allow) -> tuple[bytes | None, Listing]:
     """The response body with only allowed tools (None: leave it as it is), plain JSON or SSE.
 
     Fails closed: a body Keyless cannot read as JSON-RPC (or as an event stream of it) raises
@@ -117,7 +118,7 @@ async def filter_tools_list(body: bytes, content_type: str | None, rpc_id: str |
                 message = loads(event.data.encode())
             except ValueError:
                 raise KeylessError("response_unscannable", "tools/list event is not JSON", "mcp") from None
-            filtered = await _filter_one(message, rpc_id, server, pins, allow, listing)
+            filtered = await _filter_one(message, server, pins, allow, listing)
             if filtered is not None:
                 event, touched = sse_replace_data(event, _dump(filtered)), True
             out.append(event)
@@ -126,5 +127,5 @@ async def filter_tools_list(body: bytes, content_type: str | None, rpc_id: str |
         message = loads(body)
     except ValueError:
         raise KeylessError("response_unscannable", "tools/list response is not JSON", "mcp") from None
-    filtered = await _filter_one(message, rpc_id, server, pins, allow, listing)
+    filtered = await _filter_one(message, server, pins, allow, listing)
     return (None if filtered is None else _dump(filtered).encode()), listing
