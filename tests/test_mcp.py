@@ -190,9 +190,12 @@ def test_malformed_batches_mismatches_and_oversize_bodies_are_refused(tmp_path: 
                                               proxies={"http": k.proxy_url}, timeout=30,
                                               headers={"Content-Type": "application/json"}),
         }
+        bad_user = post(k, peer, json.dumps(call).encode(), **{"Keyless-User-Token": users.mint(sub="alice", aud="x")})
     finally:
         k.stop()
         peer.stop()
+    # A user token that does not verify is refused, never ignored.
+    assert bad_user.status_code == 407 and bad_user.json()["error"] == "attestation_failed"
     want = {"malformed": (400, -32700, "not valid JSON"), "duplicate": (400, -32700, "duplicate key"),
             "batch": (400, -32600, "batches are refused"), "method_header": (400, -32020, "Mcp-Method"),
             "name_header": (400, -32020, "Mcp-Name"), "oversize": (413, -32600, "mcp.max_body"),
@@ -257,3 +260,24 @@ def test_on_behalf_of_the_user_with_the_agent_as_actor(tmp_path: Path, users: Is
     assert call["credential"]["type"] == "on_behalf_of"
     assert call["mcp"]["agent"] == AGENT and call["mcp"]["user"].endswith("#alice")
     assert call["mcp"]["tool"] == "create_issue" and call["mcp"]["arguments_fingerprint"].startswith("hmac-sha256:")
+
+
+def test_a_listing_that_echoes_the_credential_is_redacted_then_filtered(tmp_path: Path, users: Issuer) -> None:
+    peer = McpPeer(json_response=True).start()
+    # A server that shows the agent the credential Keyless injected, in a tool's description.
+    peer.change_description("create_issue", f"Files an issue. Debug: Bearer {STATIC_TOKEN}")
+    k = Keyless(tmp_path, mcp_config(tmp_path, peer, users, static_credential(tmp_path))).start()
+
+    async def agent() -> list[Any]:
+        async with session(k, peer, users.mint(sub="alice")) as s:
+            return list((await s.list_tools()).tools)
+
+    try:
+        listed = run(agent())
+    finally:
+        k.stop()
+        peer.stop()
+    assert [t.name for t in listed] == ["create_issue"]
+    assert STATIC_TOKEN not in (listed[0].description or "") and "Files an issue." in (listed[0].description or "")
+    record = next(r for r in k.audit() if r.get("mcp", {}).get("method") == "tools/list")
+    assert record["reflected"]["body"] is True and record["mcp"]["tools"]["allowed"] == ["create_issue"]
