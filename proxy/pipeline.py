@@ -259,9 +259,9 @@ class Pipeline:
                                 path=view.path, query=view.query, headers=view.headers, destination=destination)
         ex.input = doc
         # mcp: a JSON-RPC message is decided on its body, which mitmproxy buffers for it
-        ex.mcp = await self.mcp.head(doc, host, view.port, view.method, view.path, view.headers)
+        ex.mcp = self.mcp.open(host, view.port, view.method, view.path, view.headers)
+        await self.mcp.head(ex.mcp, doc, view.headers)
         if ex.mcp is not None and ex.mcp.pending:
-            self.mcp.check_declared(ex.mcp)
             return None
         return await self.decide_input(ex, doc)
 

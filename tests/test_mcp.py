@@ -195,7 +195,8 @@ def test_malformed_batches_mismatches_and_oversize_bodies_are_refused(tmp_path: 
         k.stop()
         peer.stop()
     # A user token that does not verify is refused, never ignored.
-    assert bad_user.status_code == 407 and bad_user.json()["error"] == "attestation_failed"
+    assert bad_user.status_code == 407 and bad_user.json()["error"]["data"]["error"] == "attestation_failed"
+    assert bad_user.json()["id"] is None
     want = {"malformed": (400, -32700, "not valid JSON"), "duplicate": (400, -32700, "duplicate key"),
             "batch": (400, -32600, "batches are refused"), "method_header": (400, -32020, "Mcp-Method"),
             "name_header": (400, -32020, "Mcp-Name"), "oversize": (413, -32600, "mcp.max_body"),
@@ -281,3 +282,32 @@ def test_a_listing_that_echoes_the_credential_is_redacted_then_filtered(tmp_path
     assert STATIC_TOKEN not in (listed[0].description or "") and "Files an issue." in (listed[0].description or "")
     record = next(r for r in k.audit() if r.get("mcp", {}).get("method") == "tools/list")
     assert record["reflected"]["body"] is True and record["mcp"]["tools"]["allowed"] == ["create_issue"]
+
+
+def leaves(group: BaseExceptionGroup[MCPError]) -> list[MCPError]:
+    return [leaf for e in group.exceptions
+            for leaf in (leaves(e) if isinstance(e, BaseExceptionGroup) else [e])]
+
+
+def test_the_sdk_surfaces_a_refusal_of_the_head(tmp_path: Path, users: Issuer) -> None:
+    peer = McpPeer().start()
+    k = Keyless(tmp_path, mcp_config(tmp_path, peer, users, static_credential(tmp_path))).start()
+
+    async def agent() -> Any:
+        found: list[MCPError] = []
+        try:
+            async with session(k, peer, users.mint(sub="alice", exp=1)):
+                pass
+        except* MCPError as group:  # the SDK's (nested) task groups wrap what initialize raised
+            found += leaves(group)
+        assert found, "initialize was not refused"
+        return found[0].error
+
+    try:
+        error = run(agent())
+    finally:
+        k.stop()
+        peer.stop()
+    # An expired user token: refused before the body was read, paired by the SDK with its request.
+    assert error.data["error"] == "attestation_failed" and "expired" in error.message
+    assert peer.headers == []

@@ -72,21 +72,28 @@ class McpGate:
     def user_header(self) -> str | None:
         return self.config.user_token.header if self.config.user_token is not None else None
 
-    async def head(self, doc: dict[str, Any], host: str, port: int, method: str, path: str,
-                   headers: Sequence[tuple[str, str]]) -> McpCall | None:
-        """Start an MCP request (None: not one); fills ``doc`` with what the head says."""
-        user = await self._user(headers)
-        if user is not None:
-            doc["user"] = user.as_input()
+    def open(self, host: str, port: int, method: str, path: str,
+             headers: Sequence[tuple[str, str]]) -> McpCall | None:
+        """The MCP request this is (None: not to a configured server). A POST's decision waits
+        for its body."""
         server = self.config.server_for(host, port, path) if self.config.servers else None
         if server is None:
             return None
-        call = McpCall(server, method.upper(), tuple(headers), user=user)
-        if call.http_method == "POST":
-            call.pending = True
+        method = method.upper()
+        return McpCall(server, method, tuple(headers), pending=method == "POST")
+
+    async def head(self, call: McpCall | None, doc: dict[str, Any], headers: Sequence[tuple[str, str]]) -> None:
+        """Fill ``doc`` with what the head says: the verified user, a transport's ``input.mcp``."""
+        user = await self._user(headers)
+        if user is not None:
+            doc["user"] = user.as_input()
+        if call is None:
+            return
+        call.user = user
+        if call.pending:
+            self.check_declared(call)
         else:
-            doc["mcp"] = transport_input(server.name, call.http_method, headers)
-        return call
+            doc["mcp"] = transport_input(call.server.name, call.http_method, headers)
 
     def check_declared(self, call: McpCall) -> None:
         """Refuse a POST whose Content-Length is over mcp.max_body before its body is read."""
@@ -155,9 +162,12 @@ class McpGate:
         if isinstance(error, McpError):
             return jsonrpc_refusal(error, decision_id, error.rpc_id)
         m = call.message
-        if m is None or m.kind != "request":
-            # Not yet parsed, or nothing to answer (a notification): a plain refusal.
-            return None
+        if m is None:
+            # Refused on its head (the user's token): id null, which an SDK pairs with the
+            # request it sent when the status is an error.
+            return jsonrpc_refusal(error, decision_id, None)
+        if m.kind != "request":
+            return None  # nothing to answer (a notification, a response): the plain refusal
         return jsonrpc_refusal(error, decision_id, m.id)
 
     @staticmethod

@@ -233,7 +233,9 @@ def jsonrpc_refusal(error: KeylessError, decision_id: str, rpc_id: str | int | N
     """
     rpc_code = error.rpc_code if isinstance(error, McpError) else (
         POLICY_DENIED if error.code == "forbidden" else KEYLESS_ERROR)
-    status = 200 if error.code == "forbidden" else error.status
+    # With no id to answer (the message was not read) only an error status lets a client pair
+    # the answer with its request.
+    status = 200 if error.code == "forbidden" and rpc_id is not None else error.status
     body = {"jsonrpc": "2.0", "id": rpc_id, "error": {
         "code": rpc_code, "message": f"keyless: {error.code}: {error.message}",
         "data": {"error": error.code, "message": error.message, "decision_id": decision_id}}}
