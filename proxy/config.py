@@ -1,6 +1,6 @@
 """``keyless.yaml`` -> frozen, validated objects; every problem is reported at once.
 
-Sections: listen, admin, tls, trust, policy, strip, credentials, signing, audit, egress. Plug-in
+Sections: listen, admin, tls, trust, policy, strip, credentials, signing, audit, egress, mcp. Plug-in
 sections (trust providers, credentials) are validated by their own module's ``parse``.
 """
 
