@@ -13,12 +13,13 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import uvicorn
 from mcp.server.mcpserver import MCPServer
 
-from proxy.demo import free_port
+from proxy.demo import free_port, make_tls_files
 
 Scope = MutableMapping[str, Any]
 ASGI = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
@@ -47,6 +48,8 @@ def make_server() -> MCPServer:
 @dataclass
 class McpPeer:
     json_response: bool = False
+    # HTTPS with a throwaway CA (``ca_file``) when set; plain HTTP otherwise.
+    tls_dir: Path | None = None
     server: MCPServer = field(default_factory=make_server)
     port: int = 0
     authorizations: list[str | None] = field(default_factory=list)
@@ -56,7 +59,11 @@ class McpPeer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/mcp"
+        return f"{'https' if self.tls_dir else 'http'}://127.0.0.1:{self.port}/mcp"
+
+    @property
+    def ca_file(self) -> Path | None:
+        return self.tls_dir / "upstream-ca.pem" if self.tls_dir else None
 
     def recording(self, app: ASGI) -> ASGI:
         async def wrapped(scope: Scope, receive: Callable[[], Awaitable[Any]],
@@ -71,8 +78,13 @@ class McpPeer:
     def start(self) -> McpPeer:
         self.port = free_port()
         app = self.server.streamable_http_app(json_response=self.json_response)
+        tls: dict[str, Any] = {}
+        if self.tls_dir is not None:
+            self.tls_dir.mkdir(parents=True, exist_ok=True)
+            _, cert, key = make_tls_files(self.tls_dir)
+            tls = {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
         config = uvicorn.Config(self.recording(app), host="127.0.0.1", port=self.port, log_level="warning",
-                                lifespan="on")
+                                lifespan="on", **tls)
         self._uvicorn = uvicorn.Server(config)
 
         def run() -> None:

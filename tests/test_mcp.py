@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -49,8 +50,10 @@ def user_token_config(users: Issuer) -> dict[str, Any]:
 
 def mcp_config(tmp: Path, peer: McpPeer, users: Issuer, credential: dict[str, Any], **extra: Any) -> dict[str, Any]:
     (tmp / "secret").write_text(STATIC_TOKEN)
+    tls = {"ca_dir": str(tmp / "ca"), **({"upstream_ca": str(peer.ca_file)} if peer.ca_file else {})}
     return base_config(
-        tmp, policy={"dir": str(REPO / "docs/policy-examples"), "decision": "data.keyless.examples.mcp.decision"},
+        tmp, tls=tls,
+        policy={"dir": str(REPO / "docs/policy-examples"), "decision": "data.keyless.examples.mcp.decision"},
         trust=[{"name": "agents", "type": "source_ip", "workloads": [{"cidr": "127.0.0.0/8", "id": AGENT}]}],
         credentials={"github-mcp": credential},
         mcp={"servers": [{"name": "github", "host": "127.0.0.1", "port": peer.port, "path": "/mcp"}],
@@ -66,7 +69,9 @@ async def session(k: Keyless, peer: McpPeer, user_token: str | None, mode: str =
     """An MCP client session through Keyless: ``legacy`` is the initialize handshake (the SDK's
     ClientSession negotiates 2025-11-25); a version pins the SDK's Client to that revision."""
     headers = {"Keyless-User-Token": user_token} if user_token else {}
-    async with httpx2.AsyncClient(proxy=k.proxy_url, headers=headers, timeout=30) as http:
+    # The client trusts Keyless's CA: an HTTPS server is reached through an intercepted tunnel.
+    verify = ssl.create_default_context(cafile=str(k.ca_cert))
+    async with httpx2.AsyncClient(proxy=k.proxy_url, headers=headers, timeout=30, verify=verify) as http:
         if mode == "legacy":
             async with (streamable_http_client(peer.url, http_client=http) as (read, write),
                         ClientSession(read, write) as s):
@@ -137,8 +142,9 @@ def test_tool_calls_and_listing_through_keyless(tmp_path: Path, users: Issuer, j
           f"{sorted({r['mcp']['method'] or r['request']['method'] for r in records if 'mcp' in r})}")
 
 
-def test_a_changed_tool_description_reaches_the_policy(tmp_path: Path, users: Issuer) -> None:
-    peer = McpPeer().start()
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_a_changed_tool_description_reaches_the_policy(tmp_path: Path, users: Issuer, scheme: str) -> None:
+    peer = McpPeer(tls_dir=tmp_path / "tls" if scheme == "https" else None).start()
     k = Keyless(tmp_path, mcp_config(tmp_path, peer, users, static_credential(tmp_path))).start()
     alice = users.mint(sub="alice")
 
