@@ -151,3 +151,21 @@ def test_pins_mark_a_changed_tool_until_restart() -> None:
     # Changing it back does not clear it: the server has shown it changes descriptions.
     run_filter(json.dumps(tools("a")).encode(), "application/json", pins, {"a"})
     assert pins.changed("srv", "a") and not pins.changed("other", "a")
+
+
+def test_the_mcp_section_reports_every_problem_with_its_key_path(tmp_path: Any) -> None:
+    from proxy.config import parse_config
+    from proxy.errors import ConfigError
+
+    raw = {"mcp": {"servers": [{"host": "mcp.example", "path": "mcp?x=1"}, {"port": 99999}, "nope"],
+                   "max_body": "lots", "user_token": {"header": "bad header", "issuers": []}, "servers_": 1}}
+    with pytest.raises(ConfigError) as e:
+        parse_config(raw, tmp_path / "keyless.yaml")
+    problems = "\n".join(e.value.problems)
+    for where in ("mcp.servers[0].path", "mcp.servers[1].host", "mcp.servers[1].port", "mcp.servers[2]",
+                  "mcp.max_body", "mcp.user_token.header", "mcp.user_token.issuers", "mcp.servers_"):
+        assert where in problems, (where, problems)
+    ok = parse_config({"mcp": {"servers": [{"host": "MCP.Example.", "path": "/mcp/"}]}}, tmp_path / "k.yaml").mcp
+    assert ok.servers[0].host == "mcp.example" and ok.servers[0].port == 443 and ok.servers[0].name == "mcp.example:443"
+    assert ok.server_for("mcp.example", 443, "/mcp?session=1") is ok.servers[0]
+    assert ok.server_for("mcp.example", 443, "/mcp/x") is None and ok.server_for("mcp.example", 8443, "/mcp") is None
