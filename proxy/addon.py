@@ -24,6 +24,7 @@ from mitmproxy.net.http.http1 import expected_http_body_size
 from mitmproxy.proxy import server_hooks
 
 from proxy import answers
+from proxy.agents.gate import McpGate
 from proxy.answer_layers import error_answer
 from proxy.assets import version
 from proxy.audit.event import RequestRecord
@@ -159,7 +160,8 @@ class KeylessAddon:
                 # plainly would be filled with that body when mitmproxy reads it: stream it.
                 self._refuse_response(flow, ex, error)
             elif isinstance(flow, http.HTTPFlow) and not (flow.response is not None and flow.response.stream):
-                flow.response = refusal(error, ex.decision_id)
+                flow.response = self._refusal(ex, error)
+                status = flow.response.status_code
             else:
                 # A streamed response already has its head on the wire, and a raw TCP flow has
                 # no HTTP to answer with: cut the connection instead.
@@ -170,6 +172,14 @@ class KeylessAddon:
             log.error("refusal failed: %s", type(e).__name__)
             if flow.killable:
                 flow.kill()
+
+    @staticmethod
+    def _refusal(ex: Exchange, error: KeylessError) -> http.Response:
+        # A refused MCP message is answered as a JSON-RPC error its agent's SDK can read.
+        rpc = McpGate.refusal(ex.mcp, error, ex.decision_id)
+        if rpc is None:
+            return refusal(error, ex.decision_id)
+        return http.Response.make(rpc[0], rpc[1], answers.refusal_headers(error, ex.decision_id))
 
     def _audit(self, ex: Exchange, status: int | None) -> None:
         try:
@@ -223,6 +233,9 @@ class KeylessAddon:
             raise KeylessError("internal_error", "request reached Keyless undecided")
         if ex.refused or ex.forwarded or flow.response is not None:
             return
+        if ex.decision is None and ex.mcp is not None:
+            # An MCP message: decided now that its (bounded) body is in (proxy.agents.gate).
+            await self.pipeline.decide_body(ex, flow.request.raw_content)
         await self.pipeline.forward(ex, connection(flow.client_conn), flow.request, _upstream(flow.request))
 
     async def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
@@ -297,6 +310,12 @@ class KeylessAddon:
             # A KeylessError here (a streamed body that overflowed or would not decode) reaches
             # the guard, which cuts a streamed response and replaces a buffered one.
             self._scan_body(flow, ex)
+            if ex.mcp is not None and ex.mcp.lists_tools and not ex.refused and flow.response.status_code == 200:
+                # After reflection's redaction: the agent sees only the tools policy allows it.
+                listed = await self.pipeline.filter_tools(ex, flow.response.get_content() or b"",
+                                                          flow.response.headers.get("content-type"))
+                if listed is not None:
+                    flow.response.set_content(listed)
             flow.response.headers[DECISION_HEADER] = ex.decision_id
             self.pipeline.note_upstream(ex, flow.server_conn.peername if flow.server_conn else None)
             self._audit(ex, flow.response.status_code)
@@ -310,11 +329,20 @@ class KeylessAddon:
             expected = expected_http_body_size(flow.request, resp)
         except ValueError:
             expected = None
+        lists = ex.mcp is not None and ex.mcp.lists_tools
+        if lists and expected != 0:
+            # A tools/list result is filtered whole (JSON or a finite SSE stream): buffered,
+            # bounded by mcp.max_list_body, and redacted whole like any small body.
+            if expected is not None and expected > self.pipeline.config.mcp.max_list_body:
+                raise KeylessError("response_too_large", "tools/list response exceeds mcp.max_list_body")
+            expected = 1
         p = prepare_response(ex.grant.secret_forms if ex.grant is not None else (), list(resp.headers.fields),
                              expected=expected, client_http11=flow.request.http_version == "HTTP/1.1",
                              limits=self.limits)
         resp.headers.fields = tuple(p.fields)
         resp.stream = p.stream
+        if lists and p.stream:
+            raise KeylessError("response_unscannable", "tools/list response cannot be decoded to filter it")
         flow.metadata[_SCAN] = p.scan
         if p.scan is not None:
             # Already true of the headers; a flow that dies mid-body is audited with it.

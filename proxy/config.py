@@ -1,6 +1,6 @@
 """``keyless.yaml`` -> frozen, validated objects; every problem is reported at once.
 
-Sections: listen, admin, tls, trust, policy, strip, credentials, signing, audit, egress. Plug-in
+Sections: listen, admin, tls, trust, policy, strip, credentials, signing, audit, egress, mcp. Plug-in
 sections (trust providers, credentials) are validated by their own module's ``parse``.
 """
 
@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from proxy.agents.options import McpConfig
+from proxy.agents.options import parse as parse_mcp
 from proxy.audit.options import AuditConfig, parse_audit
 from proxy.confread import Section
 from proxy.egress import EgressConfig
@@ -144,6 +146,7 @@ class Config:
     signing: SigningConfig
     audit: AuditConfig
     egress: EgressConfig = EgressConfig()
+    mcp: McpConfig = McpConfig()
 
 
 def _request_body_limit(s: Section) -> int:
@@ -318,6 +321,10 @@ def parse_config(raw: Any, source: Path) -> Config:
     egress = parse_egress(s)
     s.done()
 
+    s = top.section("mcp")
+    mcp = parse_mcp(s)
+    s.done()
+
     top.done()
     config = Config(
         source=source,
@@ -331,6 +338,7 @@ def parse_config(raw: Any, source: Path) -> Config:
         signing=signing,
         audit=audit,
         egress=egress,
+        mcp=mcp,
     )
     if problems:
         raise ConfigError(problems, partial=config)

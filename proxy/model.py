@@ -140,6 +140,9 @@ class GrantContext:
     scheme: str
     host: str
     port: int
+    path: str = ""
+    # The user's token an agent presented for an on-behalf-of exchange (proxy.agents), verified.
+    user_token: str | None = field(default=None, repr=False, compare=False)
 
     @property
     def origin(self) -> str:

@@ -9,6 +9,8 @@
     authority    CONNECT authority == TLS SNI == Host header == absolute-form target, else 421
     path         no dot-segments that a server would normalise past a path-prefix grant
     input        one builder (proxy.policy.input); the decision-cache key derives from it
+    mcp          for a configured MCP server, the decision waits for the JSON-RPC body
+                 (``decide_body``, bounded by mcp.max_body) and reads it as ``input.mcp``
     decide       the engine's strictly parsed decision; a deny ends here
     audit        the trail can be written, or nothing credentialed leaves (audit_unavailable)
     pin          resolve the destination once; every answer checked; only those are dialled
@@ -35,6 +37,7 @@ from typing import Any
 from cryptography import x509
 
 from proxy import answers
+from proxy.agents.gate import McpCall, McpGate
 from proxy.audit import AuditSink
 from proxy.audit.event import AuditEvent, Outcome, RequestRecord, ShadowRecord
 from proxy.audit.mask import mask_input
@@ -121,6 +124,8 @@ class Exchange:
     input: dict[str, Any] | None = None
     # What the policy.shadow candidate would have decided (recorded, never enforced).
     shadow: ShadowRecord | None = None
+    # A request to a configured MCP server (proxy.agents.gate).
+    mcp: McpCall | None = None
 
     @property
     def refused(self) -> bool:
@@ -148,7 +153,13 @@ class Pipeline:
         self.mode = listen.mode
         self.transparent = listen.mode == "transparent"
         self.egress = egress or Egress(config.egress, [(listen.address, listen.port)])
-        self._secret_headers = frozenset(config.strip.headers)
+        self.mcp = McpGate(config.mcp)
+        # The user's token for on-behalf-of credentials is addressed to Keyless: never forwarded,
+        # never in the input.
+        user_header = self.mcp.user_header
+        self._strip = config.strip if user_header is None or user_header in config.strip.headers else \
+            dataclasses.replace(config.strip, headers=(*config.strip.headers, user_header))
+        self._secret_headers = frozenset(self._strip.headers)
         self._secret_params = frozenset(config.strip.query_params)
         self._needs_body = frozenset(name for name, p in config.credentials.items()
                                      if CREDENTIALS[p.type].requires_request_body)
@@ -214,8 +225,9 @@ class Pipeline:
         self.inflight.pop(ex.decision_id, None)
         return tunnel
 
-    async def decide(self, ex: Exchange, conn: Connection, view: RequestView) -> Decision:
-        """Everything up to and including the decision; raises KeylessError to refuse."""
+    async def decide(self, ex: Exchange, conn: Connection, view: RequestView) -> Decision | None:
+        """Everything up to and including the decision; raises KeylessError to refuse. None: an
+        MCP message, decided on its body by ``decide_body``."""
         # destination: the raw host (cut short) is recorded until it is known to parse
         path = view.path.split("?", 1)[0]
         ex.request = RequestRecord(view.method, view.scheme, cut(view.host), view.port, path)
@@ -256,6 +268,22 @@ class Pipeline:
         doc = self.policy_input(ex, method=view.method, scheme=view.scheme, host=host, port=view.port,
                                 path=view.path, query=view.query, headers=view.headers, destination=destination)
         ex.input = doc
+        # mcp: a JSON-RPC message is decided on its body, which mitmproxy buffers for it
+        ex.mcp = self.mcp.open(host, view.port, view.method, view.path, view.headers)
+        await self.mcp.head(ex.mcp, doc, view.headers)
+        if ex.mcp is not None and ex.mcp.pending:
+            return None
+        return await self.decide_input(ex, doc)
+
+    async def decide_body(self, ex: Exchange, body: bytes | None) -> Decision:
+        """The decision for an MCP message whose head ``decide`` took: parse, then decide."""
+        if ex.mcp is None or ex.input is None or ex.decision is not None:
+            raise KeylessError("internal_error", "a body decision without a pending MCP request")
+        self.mcp.body(ex.mcp, body, ex.input)
+        return await self.decide_input(ex, ex.input)
+
+    async def decide_input(self, ex: Exchange, doc: dict[str, Any]) -> Decision:
+        """The decision for a complete input (the head's, or an MCP message's with its body)."""
         # shadow: the candidate sees the same input first, so that an enforcing error or deny
         # still leaves its answer in the record; it cannot change what follows
         if self.shadow is not None:
@@ -286,6 +314,8 @@ class Pipeline:
     def needs_body(self, ex: Exchange) -> bool:
         """Whether the request body must be buffered before ``forward`` (SigV4 signs its hash)."""
         d = ex.decision
+        if ex.mcp is not None and ex.mcp.pending:
+            return True
         return d is not None and d.credential is not None and d.credential in self._needs_body
 
     async def forward(self, ex: Exchange, conn: Connection, request: OutboundRequest,
@@ -314,13 +344,15 @@ class Pipeline:
         # connection dials this pin. Before inject, so no credential is minted for a refusal.
         pins = self._allowed.setdefault(conn.id, {})
         pin = await self.egress.pin_for((request.host, request.port), pins)
-        ex.stripped = tuple(strip_credentials(request, self.config.strip))
+        ex.stripped = tuple(strip_credentials(request, self._strip))
         if decision.credential is not None and injects(request.method):
             # (Never on TRACE, whatever the decision names: egress.trace forward_bare.)
             provider = self.credentials[decision.credential]
             # In transparent mode request.host is the dialled address; credentials are minted
             # for the name the policy decided on.
-            ctx = GrantContext(ex.identity, decision, request.scheme, name, request.port)
+            ctx = GrantContext(ex.identity, decision, request.scheme, name, request.port,
+                               path=request.path.split("?", 1)[0],
+                               user_token=ex.mcp.user_token if ex.mcp is not None else None)
             started = time.perf_counter()
             try:
                 ex.grant = await provider.apply(request, ctx)
@@ -420,7 +452,19 @@ class Pipeline:
             outcome=outcome(ex, status), latency_ms=round((time.perf_counter() - ex.started) * 1000, 3),
             input=recorded, erased=tuple(erased), masked=tuple(masked),
             bundles={"keyless": {"revision": self.revision_of(ex)}}, labels=self.labels, shadow=ex.shadow,
+            mcp=McpGate.audit(ex.mcp, ex.identity),
         )
+
+    async def filter_tools(self, ex: Exchange, body: bytes, content_type: str | None) -> bytes | None:
+        """A tools/list response with only the tools the policy would let this caller call."""
+        call, doc = ex.mcp, ex.input
+        if call is None or doc is None:
+            return None
+
+        async def allow(tool: str, changed: bool) -> bool:
+            return (await self.engine.decide(self.mcp.listing_input(doc, call, tool, changed))).allow
+
+        return await self.mcp.listing(call, body, content_type, allow)
 
     def revision_of(self, ex: Exchange) -> str:
         d = ex.decision

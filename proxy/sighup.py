@@ -18,7 +18,8 @@ from proxy.errors import ConfigError
 
 log = logging.getLogger("keyless")
 
-_SECTIONS = ("listen", "admin", "tls", "trust", "policy", "strip", "credentials", "signing", "audit", "egress")
+_SECTIONS = ("listen", "admin", "tls", "trust", "policy", "strip", "credentials", "signing", "audit", "egress",
+             "mcp")
 
 
 def changed_sections(old: Config, new: Config) -> list[str]:

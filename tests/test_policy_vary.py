@@ -14,6 +14,7 @@ import pytest
 import requests
 import yaml
 
+from proxy.agents.mcp import McpMessage
 from proxy.config import load_config
 from proxy.errors import KeylessError
 from proxy.model import Attestation, Identity, Source
@@ -43,10 +44,16 @@ def full_input(tmp_path: Path) -> dict[str, Any]:
                                   "age_seconds": 1.5}
     ex = Exchange(Source("10.0.3.7", 50312))
     ex.identity = Identity(BILLING, (Attestation("office", "source_ip", BILLING, {"cidr": "10.0.3.0/24"}),))
-    return broker.policy_input(ex, method="GET", scheme="https", host="api.example", port=443,
-                               path="/v1/invoices/42?page=2", query=[("page", "2")],
-                               headers=[("User-Agent", "curl/8"), ("Authorization", "Bearer x")],
-                               destination={"address": "203.0.113.7", "port": 443})
+    doc = broker.policy_input(ex, method="GET", scheme="https", host="api.example", port=443,
+                              path="/v1/invoices/42?page=2", query=[("page", "2")],
+                              headers=[("User-Agent", "curl/8"), ("Authorization", "Bearer x")],
+                              destination={"address": "203.0.113.7", "port": 443})
+    # proxy.agents: a tools/call as listed (every field any MCP message adds) and its user.
+    call = McpMessage("request", "tools/call", 7, {"name": "create_issue", "arguments": {"repo": "acme/app"}},
+                      "2025-11-25", "sess-1").as_input("github", tool_changed=False)
+    doc["mcp"] = {**call, "name": "create_issue", "http_method": "POST", "listing": True}
+    doc["user"] = Attestation("mcp.user_token", "jwt", "https://idp#alice", {"subject": "alice"}).as_input()
+    return doc
 
 
 def test_every_input_field_is_in_the_key_or_declared_uncacheable(tmp_path: Path) -> None:

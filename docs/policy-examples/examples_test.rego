@@ -7,6 +7,7 @@ import rego.v1
 
 import data.keyless.examples.allowlist
 import data.keyless.examples.dryrun
+import data.keyless.examples.mcp
 import data.keyless.examples.posture
 import data.keyless.examples.scopes
 import data.keyless.examples.scoping
@@ -122,3 +123,44 @@ vary_samples := {"data.keyless.examples.allowlist.decision": [
 		"context": {"time": "2026-11-22T10:00:00.000Z", "time_ns": 1795341600000000000, "mode": "regular"},
 	},
 ]}
+
+test_mcp_create_issue_only_in_granted_repos if {
+	ok := mcp.decision with input.identity as {"id": "spiffe://demo.local/triage-agent", "attestations": []}
+		with input.user as {"facts": {"subject": "alice"}}
+		with input.mcp as {"server": "github", "kind": "request", "method": "tools/call", "id": 7,
+			"tool": "create_issue", "arguments": {"repo": "acme/app"}, "tool_changed": false}
+	ok.allow == true
+	ok.credential == "github-mcp"
+	bob := mcp.decision with input.identity as {"id": "spiffe://demo.local/triage-agent", "attestations": []}
+		with input.user as {"facts": {"subject": "bob"}}
+		with input.mcp as {"server": "github", "kind": "request", "method": "tools/call", "id": 7,
+			"tool": "create_issue", "arguments": {"repo": "acme/app"}, "tool_changed": false}
+	bob.allow == false
+}
+
+test_mcp_other_tools_and_changed_tools_are_refused if {
+	other := mcp.decision with input.identity as {"id": "spiffe://demo.local/triage-agent", "attestations": []}
+		with input.user as {"facts": {"subject": "alice"}}
+		with input.mcp as {"server": "github", "kind": "request", "method": "tools/call", "id": 7,
+			"tool": "delete_repo", "arguments": {"repo": "acme/app"}, "tool_changed": false}
+	other.allow == false
+	changed := mcp.decision with input.identity as {"id": "spiffe://demo.local/triage-agent", "attestations": []}
+		with input.user as {"facts": {"subject": "alice"}}
+		with input.mcp as {"server": "github", "kind": "request", "method": "tools/call", "id": 7,
+			"tool": "create_issue", "arguments": {"repo": "acme/app"}, "tool_changed": true}
+	changed.allow == false
+	contains(changed.reason, "quarantined")
+}
+
+test_mcp_listing_shows_create_issue_to_a_granted_user_only if {
+	shown := mcp.decision with input.identity as {"id": "spiffe://demo.local/triage-agent", "attestations": []}
+		with input.user as {"facts": {"subject": "bob"}}
+		with input.mcp as {"server": "github", "kind": "request", "method": "tools/call", "id": 7,
+			"tool": "create_issue", "arguments": {}, "tool_changed": false, "listing": true}
+	shown.allow == true
+	hidden := mcp.decision with input.identity as {"id": "spiffe://demo.local/other-agent", "attestations": []}
+		with input.user as {"facts": {"subject": "bob"}}
+		with input.mcp as {"server": "github", "kind": "request", "method": "tools/call", "id": 7,
+			"tool": "create_issue", "arguments": {}, "tool_changed": false, "listing": true}
+	hidden.allow == false
+}

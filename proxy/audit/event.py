@@ -111,6 +111,9 @@ class AuditEvent:
     labels: dict[str, str] | None = None
     # The shadow candidate's decision (docs/learning.md); None when policy.shadow is not set.
     shadow: ShadowRecord | None = None
+    # A request to an MCP server (proxy.agents.gate.McpGate.audit): server, method, tool, the
+    # arguments' keyed fingerprint, user and agent; what a tools/list filtering kept.
+    mcp: dict[str, Any] | None = None
 
     @property
     def revision(self) -> str:
@@ -147,6 +150,8 @@ class AuditEvent:
             record["masked"] = list(self.masked)
         if self.shadow is not None:
             record["shadow"] = self.shadow.as_record()
+        if self.mcp is not None:
+            record["mcp"] = self.mcp
         return record
 
 

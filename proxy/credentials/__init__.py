@@ -43,7 +43,7 @@ CredentialSpec = PluginSpec[CredentialProvider]
 
 
 def _registry() -> dict[str, CredentialSpec]:
-    from proxy.credentials import aws_sigv4, github_app, jwt, oauth2, static, token_exchange
+    from proxy.credentials import aws_sigv4, github_app, jwt, oauth2, on_behalf_of, static, token_exchange
 
     return {
         "static": PluginSpec(static.parse, static.StaticCredential),
@@ -52,6 +52,7 @@ def _registry() -> dict[str, CredentialSpec]:
         "token_exchange": PluginSpec(token_exchange.parse, token_exchange.TokenExchangeCredential),
         "aws_sigv4": PluginSpec(aws_sigv4.parse, aws_sigv4.AwsSigV4Credential, requires_request_body=True),
         "github_app": PluginSpec(github_app.parse, github_app.GitHubAppCredential),
+        "on_behalf_of": PluginSpec(on_behalf_of.parse, on_behalf_of.OnBehalfOfCredential),
     }
 
 

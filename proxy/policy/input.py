@@ -54,6 +54,23 @@ INPUT_FIELDS: tuple[InputField, ...] = (
     InputField("context.posture.age_seconds", False, "changes every millisecond; `stale` is in the key"),
     InputField("destination.address", True),
     InputField("destination.port", True),
+    # proxy.agents: a request to a configured MCP server, and the user an agent acts for.
+    InputField("mcp.server", True),
+    InputField("mcp.kind", True),
+    InputField("mcp.method", True),
+    InputField("mcp.id", False, "a new JSON-RPC id per request: nothing would ever hit"),
+    InputField("mcp.protocol_version", True),
+    InputField("mcp.session_id", False, "a new id per session; a decision that reads it names it in cache.vary"),
+    InputField("mcp.http_method", True),
+    InputField("mcp.name", True),
+    InputField("mcp.tool", True),
+    InputField("mcp.arguments", True, subtree=True),
+    InputField("mcp.tool_changed", True),
+    InputField("mcp.listing", True),
+    InputField("user.provider", True),
+    InputField("user.type", True),
+    InputField("user.id", True),
+    InputField("user.facts", True, subtree=True),
 )
 
 # --- request.path_template ---------------------------------------------------------------------

@@ -12,7 +12,8 @@
 // client_credentials grant, RFC 8707 resource indicators, JWT access tokens signed with the
 // provider's keys and published at /jwks. Two additions, both marked below:
 //   * an RFC 8693 token-exchange grant registered with provider.registerGrantType, whose handler
-//     verifies the subject token against subjectJwks and issues an oidc-provider access token;
+//     verifies the subject token (and an actor token, which becomes `act`) against subjectJwks
+//     and issues an oidc-provider access token;
 //   * /_test/* endpoints that count token requests and inject faults (5xx, slow, non-JSON,
 //     missing access_token) so the tests can prove Keyless fails closed.
 import fs from 'node:fs';
@@ -54,9 +55,12 @@ const provider = new Provider(issuer, {
     customizers: {
       jwt(ctx, token, jwt) {
         if (jwt.payload.exchanged_sub) {
-          jwt.payload.act = { sub: jwt.payload.client_id };
+          // The actor is the one the actor token named (an agent acting for the user), else
+          // the client that asked for the exchange.
+          jwt.payload.act = { sub: jwt.payload.exchanged_act || jwt.payload.client_id };
           jwt.payload.sub = jwt.payload.exchanged_sub;
           delete jwt.payload.exchanged_sub;
+          delete jwt.payload.exchanged_act;
         }
       },
     },
@@ -79,9 +83,23 @@ provider.registerGrantType(EXCHANGE, async (ctx, next) => {
   } catch (e) {
     throw new errors.InvalidGrant(`subject_token invalid: ${e.code || e.message}`);
   }
+  // RFC 8693 section 4.1: a verified actor token becomes the `act` claim (same trusted keys).
+  let actor;
+  if (params.actor_token) {
+    if (params.actor_token_type !== 'urn:ietf:params:oauth:token-type:jwt') {
+      throw new errors.InvalidRequest('unsupported actor_token_type');
+    }
+    try {
+      ({ payload: actor } = await jwtVerify(params.actor_token, subjectKeys, {
+        audience: [issuer, ...(conf.subjectAudiences || [])],
+      }));
+    } catch (e) {
+      throw new errors.InvalidGrant(`actor_token invalid: ${e.code || e.message}`);
+    }
+  }
   const resource = params.audience || params.resource || 'https://api.test';
   const scope = params.scope || undefined;
-  ctx.state.exchange = { exchanged_sub: claims.sub };
+  ctx.state.exchange = { exchanged_sub: claims.sub, ...(actor ? { exchanged_act: actor.sub } : {}) };
   const token = new provider.ClientCredentials({ client, scope });
   token.resourceServer = new provider.ResourceServer(resource, {
     scope: 'read write admin', audience: resource, accessTokenTTL: conf.ttl,
