@@ -437,6 +437,9 @@ def parser() -> argparse.ArgumentParser:
     from proxy.audit.cli import add_commands
 
     add_commands(sub, DEFAULT_CONFIG)
+    from proxy.governance.cli import add_commands as add_governance
+
+    add_governance(sub, DEFAULT_CONFIG)
     return p
 
 

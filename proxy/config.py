@@ -1,6 +1,7 @@
 """``keyless.yaml`` -> frozen, validated objects; every problem is reported at once.
 
-Sections: listen, admin, tls, trust, policy, strip, credentials, signing, audit, egress. Plug-in
+Sections: listen, admin, tls, trust, policy, strip, credentials, signing, audit, egress, discovery.
+Plug-in
 sections (trust providers, credentials) are validated by their own module's ``parse``.
 """
 
@@ -23,6 +24,7 @@ from proxy.egress import EgressConfig
 from proxy.egress import parse as parse_egress
 from proxy.envexpand import expand as expand_env
 from proxy.errors import ConfigError
+from proxy.governance.options import DiscoveryConfig, parse_discovery
 from proxy.limits import WireLimits
 from proxy.limits import parse as parse_limits
 from proxy.policy.options import ENGINES, PolicyExtras, parse_extras
@@ -144,6 +146,7 @@ class Config:
     signing: SigningConfig
     audit: AuditConfig
     egress: EgressConfig = EgressConfig()
+    discovery: DiscoveryConfig = DiscoveryConfig()
 
 
 def _request_body_limit(s: Section) -> int:
@@ -318,6 +321,10 @@ def parse_config(raw: Any, source: Path) -> Config:
     egress = parse_egress(s)
     s.done()
 
+    s = top.section("discovery")
+    discovery = parse_discovery(s)
+    s.done()
+
     top.done()
     config = Config(
         source=source,
@@ -331,6 +338,7 @@ def parse_config(raw: Any, source: Path) -> Config:
         signing=signing,
         audit=audit,
         egress=egress,
+        discovery=discovery,
     )
     if problems:
         raise ConfigError(problems, partial=config)

@@ -38,6 +38,8 @@ from proxy.config import Config
 from proxy.credentials import CREDENTIALS, CredentialProvider, Runtime
 from proxy.egress import Egress, Pin, describe_peer
 from proxy.errors import ConfigError, KeylessError
+from proxy.governance.discover import Discovery, scrub_query
+from proxy.governance.finding import Finding
 from proxy.model import ANONYMOUS, Attestation, Decision, Grant, GrantContext, Identity, OutboundRequest, Source
 from proxy.paths import check_path
 from proxy.policy import PolicyEngine, PolicyUnavailable
@@ -113,6 +115,10 @@ class Exchange:
     audited: bool = False
     # The policy input document as the engine saw it (the audit record keeps a masked copy).
     input: dict[str, Any] | None = None
+    # Static secrets the app sent (proxy.governance.discover), and whether its body is buffered
+    # for that inspection.
+    found: tuple[Finding, ...] = ()
+    inspect_body: bool = False
 
     @property
     def refused(self) -> bool:
@@ -144,6 +150,7 @@ class Pipeline:
         self._secret_params = frozenset(config.strip.query_params)
         self._needs_body = frozenset(name for name, p in config.credentials.items()
                                      if CREDENTIALS[p.type].requires_request_body)
+        self.discovery = Discovery(config.discovery, config.strip) if config.discovery.enabled else None
         # Posture by workload id for input.context.posture (set by the server when configured).
         self.posture: Callable[[str | None], dict[str, Any]] | None = None
         # Per client connection: the CONNECT authority its tunnel was opened for; what that
@@ -262,6 +269,7 @@ class Pipeline:
         if decision.credential is not None and decision.credential not in self.credentials:
             raise KeylessError("credential_unavailable",
                                f"policy chose credential {decision.credential!r}, which is not configured")
+        ex.inspect_body = self.discovery is not None and self.discovery.wants_body(view.headers)
         return decision
 
     def self_check(self, ex: Exchange, method: str, scheme: str, host: str, port: int, path: str) -> None:
@@ -271,6 +279,8 @@ class Pipeline:
     def needs_body(self, ex: Exchange) -> bool:
         """Whether the request body must be buffered before ``forward`` (SigV4 signs its hash)."""
         d = ex.decision
+        if ex.inspect_body:  # discovery reads a small JSON or form body before strip
+            return True
         return d is not None and d.credential is not None and d.credential in self._needs_body
 
     async def forward(self, ex: Exchange, conn: Connection, request: OutboundRequest,
@@ -299,6 +309,9 @@ class Pipeline:
         # connection dials this pin. Before inject, so no credential is minted for a refusal.
         pins = self._allowed.setdefault(conn.id, {})
         pin = await self.egress.pin_for((request.host, request.port), pins)
+        if self.discovery is not None:
+            # Discovery sees what the app sent, so it runs before strip removes it.
+            ex.found = self.discovery.inspect(request, body=ex.inspect_body)
         ex.stripped = tuple(strip_credentials(request, self.config.strip))
         if decision.credential is not None and injects(request.method):
             # (Never on TRACE, whatever the decision names: egress.trace forward_bare.)
@@ -397,14 +410,15 @@ class Pipeline:
         )
 
     def event(self, ex: Exchange, status: int | None) -> AuditEvent:
-        recorded, erased, masked = mask_input(ex.input, self._mask) if ex.input is not None else (None, [], [])
+        doc = scrub_query(ex.input, ex.found) if ex.input is not None and ex.found else ex.input
+        recorded, erased, masked = mask_input(doc, self._mask) if doc is not None else (None, [], [])
         return AuditEvent(
             decision_id=ex.decision_id, time=ex.time, source=ex.source, identity=ex.identity,
             request=ex.request, decision=ex.decision, policy=self.engine.query,
             engine_revision=self.engine.revision, grant=ex.grant, stripped=ex.stripped, reflected=ex.reflected,
             outcome=outcome(ex, status), latency_ms=round((time.perf_counter() - ex.started) * 1000, 3),
             input=recorded, erased=tuple(erased), masked=tuple(masked),
-            bundles={"keyless": {"revision": self.revision_of(ex)}}, labels=self.labels,
+            bundles={"keyless": {"revision": self.revision_of(ex)}}, labels=self.labels, found=ex.found,
         )
 
     def revision_of(self, ex: Exchange) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from proxy.governance.finding import Finding
 from proxy.model import Decision, Grant, Identity, Source
 
 
@@ -90,6 +91,8 @@ class AuditEvent:
     masked: tuple[str, ...] = ()
     bundles: dict[str, Any] | None = None
     labels: dict[str, str] | None = None
+    # Static secrets the app sent, as keyed fingerprints (proxy.governance.discover).
+    found: tuple[Finding, ...] = ()
 
     @property
     def revision(self) -> str:
@@ -124,6 +127,8 @@ class AuditEvent:
             record["erased"] = list(self.erased)
         if self.masked:
             record["masked"] = list(self.masked)
+        if self.found:
+            record["found"] = [f.as_record() for f in self.found]
         return record
 
 

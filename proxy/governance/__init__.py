@@ -1,0 +1,1 @@
+"""Governance: what the traffic says about the identities behind it (discovery, the report)."""

@@ -1,0 +1,252 @@
+"""Static-secret discovery: what credentials an app still sends, found before Keyless strips them.
+
+``Discovery.inspect`` runs in ``Pipeline.forward`` right before ``strip_credentials``, on the
+request as the app sent it. It looks at
+
+- every header value (the credential headers of ``strip.headers`` are findings by name alone,
+  whatever the value looks like; ``Proxy-Authorization`` and the identity headers are addressed
+  to Keyless and skipped),
+- every query parameter and cookie (value through the detectors, name and value through
+  detect-secrets' keyword detector),
+- a JSON or form body, only when it is buffered anyway: bodies stream after the decision, so
+  discovery asks for a body (``wants_body``, consulted by ``Pipeline.needs_body``) only when it
+  declares a Content-Length of at most ``discovery.max_body`` and a JSON or form content type.
+  A chunked or larger body, or any other content type, is not inspected.
+
+The detectors are Yelp's detect-secrets plugins, called in memory (``analyze_string``); which
+ones, and why the entropy detectors are off by default, is in ``proxy.governance.options``.
+Each finding carries a keyed fingerprint (``proxy.model.fingerprint``), never the value.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from functools import lru_cache
+from typing import Any
+from urllib.parse import parse_qsl
+
+from proxy.config import IDENTITY_HEADERS, StripConfig
+from proxy.governance.finding import Finding
+from proxy.governance.options import EXCLUDED_BY_DEFAULT, JSON_TYPES, DiscoveryConfig
+from proxy.model import OutboundRequest, fingerprint
+
+STRIP_LIST = "strip_list"
+KEYWORD = "KeywordDetector"
+# No detect-secrets pattern matches fewer characters than this (BasicAuth's ``://a:b@`` aside,
+# which is 7): shorter values skip the regex pass, the common case for most headers.
+_MIN_VALUE = 8
+# Header names, parameter names and JSON paths are the app's: bounded in the record.
+_MAX_NAME = 100
+_MAX_FINDINGS = 32
+# ``Bearer x``, ``token x``, ``Basic x``: the scheme is not part of the secret.
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9._-]*\s+(?=\S)")
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+_NOT_INSPECTED = frozenset(IDENTITY_HEADERS)
+# Header values the protocol defines (no app puts a key there): not worth a detector pass each.
+_PROTOCOL_HEADERS = frozenset({"host", "content-length", "content-type", "connection", "accept", "accept-encoding",
+                               "accept-language", "te", "transfer-encoding", "upgrade", "expect", "keep-alive"})
+
+
+@lru_cache(maxsize=1)
+def plugin_classes() -> dict[str, type[Any]]:
+    """Every detect-secrets plugin class by its class name (the ``detector`` of a finding)."""
+    from detect_secrets.core.plugins.util import get_mapping_from_secret_type_to_class
+
+    classes: list[type[Any]] = list(get_mapping_from_secret_type_to_class().values())
+    return {cls.__name__: cls for cls in classes}
+
+
+class Discovery:
+    """The detectors chosen by ``discovery`` config, and the strip list they report against."""
+
+    def __init__(self, config: DiscoveryConfig, strip: StripConfig) -> None:
+        from detect_secrets.filters import heuristic
+
+        self.config = config
+        self.strip = strip
+        self._strip_headers = frozenset(strip.headers) - _NOT_INSPECTED
+        self._strip_params = frozenset(strip.query_params)
+        classes = plugin_classes()
+        names = config.detectors or tuple(n for n in sorted(classes) if n not in EXCLUDED_BY_DEFAULT)
+        self._plugins = [(n, classes[n]()) for n in names if n != KEYWORD]
+        from detect_secrets.plugins.keyword import DENYLIST
+
+        # The keyword detector's own word list, as a cheap test of the name before its regexes run.
+        self._secret_name = re.compile("|".join(DENYLIST), re.IGNORECASE)
+        self._keyword = classes[KEYWORD]() if config.keywords or KEYWORD in config.detectors else None
+        self._h = heuristic
+
+    # --- the request path ------------------------------------------------------------------------
+
+    def wants_body(self, headers: Sequence[tuple[str, str]]) -> bool:
+        """Whether the body is small and structured enough to buffer for inspection."""
+        if self.config.max_body <= 0:
+            return False
+        length: int | None = None
+        ctype = ""
+        for name, value in headers:
+            n = name.lower()
+            if n == "content-length":
+                length = int(value) if value.strip().isdigit() else None
+            elif n == "content-type":
+                ctype = value.split(";", 1)[0].strip().lower()
+        return length is not None and 0 < length <= self.config.max_body and _structured(ctype)
+
+    def inspect(self, request: OutboundRequest, body: bool = False) -> tuple[Finding, ...]:
+        """The static secrets in ``request``, as it stands before strip. ``body``: the request's
+        content is buffered (``wants_body`` said so) and may be read."""
+        found: dict[tuple[str, str], Finding] = {}
+
+        def add(location: str, detector: str, secret: str, stripped: bool) -> None:
+            fp = fingerprint(secret)
+            key = (location, fp)
+            if key not in found and len(found) < _MAX_FINDINGS:
+                found[key] = Finding(location, detector, fp, stripped)
+
+        headers = request.headers
+        get_all = getattr(headers, "get_all", None)
+        ctype = ""
+        for name in list(headers):
+            n = name.lower()
+            if n in _NOT_INSPECTED:
+                continue
+            values = get_all(name) if get_all is not None else [headers[name]]
+            if n == "cookie":
+                for value in values:
+                    self._pairs(add, "cookie", _cookies(value), self.strip.cookies)
+                continue
+            if n == "content-type" and values:
+                ctype = values[0].split(";", 1)[0].strip().lower()
+            if n in _PROTOCOL_HEADERS:
+                continue
+            where = "header:" + n[:_MAX_NAME]
+            stripped = n in self._strip_headers
+            for value in values:
+                hits = list(self._scan(value))
+                for detector, secret in hits:
+                    add(where, detector, secret, stripped)
+                if stripped and not hits and value.strip():
+                    add(where, STRIP_LIST, _SCHEME.sub("", value.strip()), True)
+        path = request.path
+        if "?" in path:
+            query = parse_qsl(path.split("?", 1)[1].split("#", 1)[0], keep_blank_values=True)
+            self._pairs(add, "query", query, None)
+        if body and self.config.max_body > 0 and _structured(ctype):
+            content = _content(request)
+            if content is not None and len(content) <= self.config.max_body:
+                self._pairs(add, "body", _body_fields(content, ctype), False)
+        return tuple(found.values())
+
+    # --- the parts -------------------------------------------------------------------------------
+
+    def _pairs(self, add: Any, kind: str, pairs: Iterable[tuple[str, str]], stripped: bool | None) -> None:
+        for name, value in pairs:
+            where = f"{kind}:{name[:_MAX_NAME]}"
+            # Query parameters: stripped when strip.query_params names them; others as given.
+            gone = (name.lower() in self._strip_params) if stripped is None else stripped
+            hits = list(self._scan(value))
+            if not hits:
+                hits = list(self._keywords(name, value))
+            for detector, secret in hits:
+                add(where, detector, secret, gone)
+            if kind == "query" and gone and not hits and value:
+                add(where, STRIP_LIST, value, True)
+
+    def _scan(self, value: str) -> Iterator[tuple[str, str]]:
+        if len(value) < _MIN_VALUE:
+            return
+        for name, plugin in self._plugins:
+            for secret in plugin.analyze_string(value):
+                if secret and not self._h.is_sequential_string(secret) and not self._h.is_templated_secret(secret):
+                    yield name, secret
+
+    def _keywords(self, name: str, value: str) -> Iterator[tuple[str, str]]:
+        """detect-secrets' keyword detector on ``name = "value"`` (the shape it reads), through
+        its own false-positive filters (ids, UUIDs, templates, sequences, no letters)."""
+        kw = self._keyword
+        if kw is None or not value or '"' in value or "\n" in value or not self._secret_name.search(name):
+            return
+        h = self._h
+        line = f'{name} = "{value}"'
+        for secret in kw.analyze_string(line):
+            if (not secret or h.is_templated_secret(secret) or h.is_prefixed_with_dollar_sign(secret)
+                    or h.is_sequential_string(secret) or h.is_potential_uuid(secret)
+                    or h.is_likely_id_string(secret, line, kw) or h.is_not_alphanumeric_string(secret)):
+                continue
+            yield KEYWORD, secret
+
+
+def _structured(ctype: str) -> bool:
+    return ctype in JSON_TYPES or (ctype.startswith("application/") and ctype.endswith("+json"))
+
+
+def _content(request: OutboundRequest) -> bytes | None:
+    # A mitmproxy Request once its body is buffered; decoded per Content-Encoding.
+    try:
+        content = getattr(request, "content", None)
+    except ValueError:  # an encoding that does not decode: nothing to inspect
+        return None
+    return content if isinstance(content, bytes) else None
+
+
+def _cookies(header: str) -> list[tuple[str, str]]:
+    out = []
+    for part in header.split(";"):
+        name, eq, value = part.strip().partition("=")
+        if eq and name:
+            out.append((name, value.strip().strip('"')))
+    return out
+
+
+def _body_fields(content: bytes, ctype: str) -> list[tuple[str, str]]:
+    """A JSON body's string leaves as (``$.a.b[0]``, value); a form body's fields as (``$.name``, value)."""
+    try:
+        text = content.decode("utf-8")
+    except UnicodeDecodeError:
+        return []
+    if ctype == "application/x-www-form-urlencoded":
+        return [(_member("$", k), v) for k, v in parse_qsl(text, keep_blank_values=True)]
+    try:
+        doc = json.loads(text)
+    except (ValueError, RecursionError):
+        return []
+    out: list[tuple[str, str]] = []
+    _walk(doc, "$", out, 0)
+    return out
+
+
+def _walk(node: Any, path: str, out: list[tuple[str, str]], depth: int) -> None:
+    if depth > 32 or len(out) > 1000:
+        return
+    if isinstance(node, dict):
+        for k, v in node.items():
+            _walk(v, _member(path, str(k)), out, depth + 1)
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            _walk(v, f"{path}[{i}]", out, depth + 1)
+    elif isinstance(node, str):
+        out.append((path, node))
+
+
+def _member(path: str, key: str) -> str:
+    return f"{path}.{key}" if _IDENT.match(key) else f"{path}[{json.dumps(key)}]"
+
+
+def pair_name(location: str) -> str:
+    """The last name in a location (``body:$.db.password`` -> ``password``): what the keyword
+    detector read."""
+    tail = location.split(":", 1)[-1]
+    return re.split(r"[.\[\]\"$]+", tail.strip("]\""))[-1] or tail
+
+
+def scrub_query(doc: dict[str, Any], findings: Sequence[Finding]) -> dict[str, Any]:
+    """The policy input without the query parameters a finding names (the audit keeps ``doc``
+    when ``audit.mask`` does not erase the query): only the dicts on that path are copied."""
+    names = {f.location[len("query:"):] for f in findings if f.kind == "query"}
+    request = doc.get("request")
+    if not names or not isinstance(request, dict) or not isinstance(request.get("query"), dict):
+        return doc
+    query = {k: v for k, v in request["query"].items() if k not in names}
+    return {**doc, "request": {**request, "query": query}}
