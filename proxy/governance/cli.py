@@ -88,3 +88,20 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"report: {count} findings, over the threshold of {args.fail_over}", file=sys.stderr)
         return 1
     return 0
+
+
+def live_report(config_path: Path, audit_path: Path, fmt: str, unused_days: int = 30) -> tuple[str, str]:
+    """The admin listener's ``/report``: (body, content type) from the config file and the audit
+    file as they are now (read afresh each time, so a reloaded policy is the one evaluated)."""
+    from proxy.config import load_config
+    from proxy.governance.inventory import read_records
+    from proxy.governance.render import to_html, to_json, to_markdown
+    from proxy.governance.report import build_report
+
+    report = build_report(load_config(config_path), list(read_records([audit_path])) if audit_path.is_file() else [],
+                          unused_days=unused_days)
+    if fmt == "json":
+        return to_json(report), "application/json"
+    if fmt == "md":
+        return to_markdown(report), "text/markdown"
+    return to_html(report), "text/html"

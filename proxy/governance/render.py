@@ -15,7 +15,7 @@ h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px}h3{font-siz
 .tile{background:#fff;border:1px solid #dde1e8;border-radius:8px;padding:10px 14px;min-width:110px}
 .tile b{display:block;font-size:24px}.tile span{color:#5b6475;font-size:12px}
 table{border-collapse:collapse;background:#fff;border:1px solid #dde1e8;margin:6px 0 10px;width:100%}
-th,td{border-bottom:1px solid #e8ebf0;padding:5px 8px;text-align:left;vertical-align:top}
+th,td{border-bottom:1px solid #e8ebf0;padding:5px 8px;text-align:left;vertical-align:top;overflow-wrap:anywhere}
 th{background:#eef1f5;font-weight:600}td.used{background:#d9f2e1}td.allowed{background:#fff2cc}
 td.none{color:#aab}
 code{font:12px ui-monospace,Menlo,Consolas,monospace;background:#eef1f5;padding:1px 4px;border-radius:3px}
@@ -61,6 +61,28 @@ def to_html(r: dict[str, Any]) -> str:
         out.append("</tr>")
     out.append("</table><div class=meta>used: a forwarded request obtained it · allowed: the policy "
                "would let this identity obtain it</div>")
+    out.append("<h2>Static secrets apps send (discovery)</h2><table id=discovery><tr><th>fingerprint</th>"
+               "<th>detector</th><th>identities</th><th>where</th><th>hosts</th><th>seen</th>"
+               "<th>first / last seen</th><th>suggested</th></tr>")
+    for d in r["discovery"]:
+        ids = ", ".join(f"{i['id']} ({i['count']})" for i in d["identities"])
+        cred = d["migration"]["credential"]
+        name = next(iter(cred))
+        out.append(f"<tr data-fingerprint='{_t(d['fingerprint'])}'><td><code>{_t(d['fingerprint'])}</code></td>"
+                   f"<td>{_t(', '.join(d['detectors']))}</td>"
+                   f"<td>{_t(ids)}{' <span class=bad>reuse (NHI9)</span>' if d['reuse'] else ''}</td>"
+                   f"<td>{_t(', '.join(x['location'] for x in d['locations']))}</td>"
+                   f"<td>{_t(', '.join(d['hosts']))}</td>"
+                   f"<td><b data-figure='count'>{_t(d['count'])}</b>×<br>{_t(d['stripped'])} stripped<br>"
+                   f"{_t(d['forwarded'])} forwarded</td>"
+                   f"<td>{_t(d['first_seen'][:19])}<br>{_t(d['last_seen'][:19])}</td>"
+                   f"<td><code>{_t(name)}: {_t(cred[name]['type'])}</code></td></tr>")
+    out.append("</table><h2>Findings</h2><table id=findings><tr><th>OWASP NHI</th><th>identity</th>"
+               "<th>finding</th></tr>")
+    for f in r["findings"]:
+        out.append(f"<tr data-nhi='{_t(f['nhi'])}'><td><span class=nhi>{_t(f['nhi'])}</span> {_t(f['title'])}</td>"
+                   f"<td>{_t(f['identity'] or '–')}</td><td>{_t(f['detail'])}</td></tr>")
+    out.append("</table>")
     out.append("<h2>Reach and use per identity</h2>")
     for ident in r["identities"]:
         iid = _t(ident["id"])
@@ -84,28 +106,7 @@ def to_html(r: dict[str, Any]) -> str:
                 for x in ident["shared_credentials"]) + "</div>")
         out.append("<div><b>If compromised, the attacker gets:</b><ul>"
                    + "".join(f"<li>{_t(line)}</li>" for line in ident["if_compromised"]) + "</ul></div></div>")
-    out.append("<h2>Static secrets apps send (discovery)</h2><table id=discovery><tr><th>fingerprint</th>"
-               "<th>detector</th><th>identities</th><th>where</th><th>hosts</th><th>seen</th><th>action</th>"
-               "<th>first / last seen</th><th>suggested credential</th></tr>")
-    for d in r["discovery"]:
-        ids = ", ".join(f"{i['id']} ({i['count']})" for i in d["identities"])
-        cred = d["migration"]["credential"]
-        name = next(iter(cred))
-        out.append(f"<tr data-fingerprint='{_t(d['fingerprint'])}'><td><code>{_t(d['fingerprint'])}</code></td>"
-                   f"<td>{_t(', '.join(d['detectors']))}</td>"
-                   f"<td>{_t(ids)}{' <span class=bad>reuse (NHI9)</span>' if d['reuse'] else ''}</td>"
-                   f"<td>{_t(', '.join(x['location'] for x in d['locations']))}</td>"
-                   f"<td>{_t(', '.join(d['hosts']))}</td>"
-                   f"<td data-figure='count'>{_t(d['count'])}</td>"
-                   f"<td>{_t(d['stripped'])} stripped, {_t(d['forwarded'])} forwarded</td>"
-                   f"<td>{_t(d['first_seen'])}<br>{_t(d['last_seen'])}</td>"
-                   f"<td><code>{_t(name)}: {_t(cred[name]['type'])}</code></td></tr>")
-    out.append("</table><h2>Findings</h2><table id=findings><tr><th>OWASP NHI</th><th>identity</th>"
-               "<th>finding</th></tr>")
-    for f in r["findings"]:
-        out.append(f"<tr data-nhi='{_t(f['nhi'])}'><td><span class=nhi>{_t(f['nhi'])}</span> {_t(f['title'])}</td>"
-                   f"<td>{_t(f['identity'] or '–')}</td><td>{_t(f['detail'])}</td></tr>")
-    out.append("</table></body></html>\n")
+    out.append("</body></html>\n")
     return "".join(out)
 
 

@@ -351,13 +351,17 @@ def credential_scope(name: str, p: PluginConfig | None) -> dict[str, Any]:
 
 def _compromise(reach: Sequence[dict[str, Any]], creds: Sequence[dict[str, Any]],
                 sent: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per thing an attacker holding this identity could use, broadest first."""
     lines = []
     by_name = {c["name"]: c for c in creds}
     for g in reach:
         c = by_name.get(g["credential"]) if g["credential"] else None
-        what = c["summary"] if c else "no credential (the call goes out bare)"
+        what = f"{g['credential']}: {c['summary']}" if c else "calls with no credential"
+        hosts = sorted({d.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[0] for d in g["destinations"]})
+        methods = sorted({d.split(" ", 1)[0] for d in g["destinations"]})
         narrowed = f", narrowed by the grant to {g['params']}" if g["params"] else ""
-        lines.append(f"{', '.join(g['destinations'])}: {what}{narrowed}")
+        lines.append(f"{what} ({'/'.join(methods)} on {', '.join(hosts)}, {len(g['destinations'])} "
+                     f"destinations in the catalog{narrowed})")
     for s in sent:
         lines.append(f"the static secret {s['fingerprint']} it holds itself ({', '.join(s['detectors'])}), "
                      f"usable outside Keyless against {', '.join(s['hosts'])}")
