@@ -177,7 +177,7 @@ class Discovery:
         text = "\n".join(values)
         h = self._h
         for name, plugin in self._plugins:
-            for secret in plugin.analyze_string(text):
+            for secret in _matches(plugin, text, values):
                 if secret and not h.is_sequential_string(secret) and not h.is_templated_secret(secret):
                     yield name, secret
 
@@ -195,6 +195,34 @@ class Discovery:
                     or h.is_likely_id_string(secret, line, kw) or h.is_not_alphanumeric_string(secret)):
                 continue
             yield KEYWORD, secret
+
+
+def _matches(plugin: Any, text: str, values: Sequence[str]) -> Iterator[str]:
+    """What ``plugin`` matched in ``text``: the secret itself, to be fingerprinted.
+
+    Not ``RegexBasedDetector.analyze_string``: it yields a pattern's capture groups, and in
+    detect-secrets 1.5 GitHub's and GitLab's groups capture the token's prefix alone (``ghp``),
+    so every GitHub token would share one fingerprint. A captured group counts only when it is
+    secret-sized (8 characters or more, e.g. the password of BasicAuth, the value of an
+    assignment); otherwise the whole match is the secret.
+    """
+    from detect_secrets.plugins.base import RegexBasedDetector
+    from detect_secrets.plugins.high_entropy_strings import HighEntropyStringsPlugin
+
+    if isinstance(plugin, RegexBasedDetector):
+        for rx in plugin.denylist:
+            for m in rx.finditer(text):
+                groups = [g for g in m.groups() if g]
+                best = max(groups, key=len) if groups else ""
+                yield best if len(best) >= _MIN_VALUE else m.group(0)
+    elif isinstance(plugin, HighEntropyStringsPlugin):
+        # It reads quoted strings only, and leaves the entropy limit to analyze_line.
+        quoted = "\n".join(f'"{v}"' for v in values if '"' not in v)
+        for secret in plugin.analyze_string(quoted):
+            if plugin.calculate_shannon_entropy(secret) > plugin.entropy_limit:
+                yield secret
+    else:
+        yield from plugin.analyze_string(text)
 
 
 def _structured(ctype: str) -> bool:
