@@ -308,4 +308,35 @@ def test_page_renders_in_chromium_with_the_json_figures(env: Env, report: dict[s
     if os.environ.get("KEYLESS_UPDATE_DOCS") == "1":
         shutil.copy(shot, REPO / "docs" / "governance-report.png")
         (REPO / "docs" / "governance-report.md").write_text(
-            (env.tmp / "report.md").read_text().replace(str(env.upstream.https_port), "PORT"))
+            (env.tmp / "report.md").read_text().replace(str(env.upstream.https_port), "PORT")
+            .replace(str(env.tmp) + "/", ""))
+
+
+def test_small_json_body_is_buffered_and_inspected_a_chunked_one_is_not(tmp_path: Path, upstream: Upstream) -> None:
+    password = "canary-pw-" + secrets.token_hex(8)
+    (tmp_path / "api-key").write_text("k\n")
+    cfg = base_config(
+        tmp_path, upstream,
+        trust=[{"name": "loopback", "type": "source_ip", "workloads": [{"cidr": "127.0.0.2/32", "id": BILLING}]}],
+        policy={"dir": str(REPO / "tests" / "policies" / "governance")},
+        credentials={"api-key": {"type": "static", "from": "file", "file": str(tmp_path / "api-key")},
+                     "minted": {"type": "jwt"}},
+        discovery={"max_body": "1k"})
+    k = Keyless(tmp_path, cfg).start(log_level="debug")
+    try:
+        body = json.dumps({"user": "svc-billing", "password": password})
+        big = json.dumps({"password": password, "pad": "x" * 2000})
+        args = ["--interface", "127.0.0.2", "-H", "Content-Type: application/json"]
+        replies = [curl(k, upstream.url("/v1/login"), *args, "--data", body),
+                   curl(k, upstream.url("/v1/login"), *args, "-H", "Transfer-Encoding: chunked", "--data", body),
+                   curl(k, upstream.url("/v1/login"), *args, "--data", big)]
+        assert [r.status for r in replies] == [200, 200, 200]
+        assert [json.loads(r.body)["password"] for r in upstream.received] == [password] * 3
+        records = wait_for_audit(k, 3)
+        assert [r.get("found", []) for r in records][1:] == [[], []]  # chunked; over discovery.max_body
+        assert [(f["location"], f["detector"], f["action"]) for f in records[0]["found"]] == [
+            ("body:$.password", "KeywordDetector", "forwarded")]
+        text = k.audit_file.read_text() + k.stop()
+        assert password not in text
+    finally:
+        k.stop()

@@ -360,8 +360,9 @@ def _compromise(reach: Sequence[dict[str, Any]], creds: Sequence[dict[str, Any]]
         hosts = sorted({d.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[0] for d in g["destinations"]})
         methods = sorted({d.split(" ", 1)[0] for d in g["destinations"]})
         narrowed = f", narrowed by the grant to {g['params']}" if g["params"] else ""
-        lines.append(f"{what} ({'/'.join(methods)} on {', '.join(hosts)}, {len(g['destinations'])} "
-                     f"destinations in the catalog{narrowed})")
+        n = len(g["destinations"])
+        lines.append(f"{what} ({'/'.join(methods)} on {', '.join(hosts)}, {n} "
+                     f"destination{'s' if n != 1 else ''} in the catalog{narrowed})")
     for s in sent:
         lines.append(f"the static secret {s['fingerprint']} it holds itself ({', '.join(s['detectors'])}), "
                      f"usable outside Keyless against {', '.join(s['hosts'])}")
