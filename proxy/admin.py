@@ -59,7 +59,12 @@ def make_admin_app(signer: Signer, ca_cert: Path, ready: Callable[[], bool],
             fmt = request.query.get("format", "html")
             if fmt not in ("html", "json", "md"):
                 return web.json_response({"error": "bad_request", "message": "format is html, json or md"}, status=400)
-            body, ctype = await asyncio.to_thread(build, fmt)
+            try:
+                body, ctype = await asyncio.to_thread(build, fmt)
+            except Exception as e:  # noqa: BLE001 - an edited config or policy that does not load
+                problems = getattr(e, "problems", None)
+                message = "; ".join(problems) if isinstance(problems, list) else type(e).__name__
+                return web.json_response({"error": "report_unavailable", "message": message}, status=503)
             return web.Response(text=body, content_type=ctype, headers={"Cache-Control": "no-store"})
 
         app.router.add_get("/report", report_page)

@@ -1,8 +1,8 @@
 """``keyless.yaml`` -> frozen, validated objects; every problem is reported at once.
 
-Sections: listen, admin, tls, trust, policy, strip, credentials, signing, audit, egress, discovery.
-Plug-in
-sections (trust providers, credentials) are validated by their own module's ``parse``.
+Sections: listen, admin, tls, trust, policy, strip, credentials, signing, audit, egress,
+discovery. Plug-in sections (trust providers, credentials) are validated by their own module's
+``parse``.
 """
 
 from __future__ import annotations
