@@ -179,3 +179,31 @@ def test_aggregate_marks_reuse_across_identities() -> None:
                                           "private_key_file": "/run/secrets/github-app.pem",
                                           "repositories": ["<repository>"], "permissions": {"contents": "read"}}}
     assert m["grant"]["path_prefix"] == "/repos/acme/app/" and m["grant"]["credential"] == "github"
+
+
+def test_report_credential_scope_from_parsed_config(tmp_path: Path) -> None:
+    from proxy.governance.report import credential_scope
+
+    (tmp_path / "app.pem").write_text("not read at parse time\n")
+    raw = {"listen": {"port": 1}, "tls": {"ca_dir": str(tmp_path / "ca")}, "credentials": {
+        "gh": {"type": "github_app", "app_id": "123", "private_key_file": str(tmp_path / "app.pem"),
+               "installation_id": 9, "repositories": ["billing"], "permissions": {"contents": "read"}},
+        "aws": {"type": "aws_sigv4", "role_arn": "arn:aws:iam::123456789012:role/invoices", "region": "eu-west-1",
+                "endpoints": [{"host": "s3.eu-west-1.amazonaws.com", "service": "s3"}]},
+        "o": {"type": "oauth2", "token_url": "https://issuer.example/token", "client_id": "c",
+              "client_secret_env": "X", "scopes": ["reports:read"], "audience": "https://api.example"},
+        "t": {"type": "token_exchange", "token_url": "https://issuer.example/token", "client_id": "c",
+              "client_secret_env": "X", "audience": "https://ledger.example", "scopes": ["ledger:write"]},
+        "s": {"type": "static", "from": "env", "env": "APP_KEY"},
+        "j": {"type": "jwt", "ttl": 60}}}
+    creds = parse_config(raw, tmp_path / "k.yaml").credentials
+    got = {name: credential_scope(name, p) for name, p in creds.items()}
+    assert got["gh"]["scope"] == {"app_id": "123", "installation_id": 9, "repositories": ["billing"],
+                                  "permissions": {"contents": "read"}}
+    assert got["aws"]["scope"]["role_arn"].endswith(":role/invoices") and got["aws"]["scope"]["region"] == "eu-west-1"
+    assert got["o"]["scope"]["scopes"] == ["reports:read"] and got["o"]["scope"]["audience"] == "https://api.example"
+    assert got["t"]["scope"]["audience"] == "https://ledger.example"
+    assert got["s"]["long_lived"] is True and got["s"]["scope"] == {"source": "env", "from": "APP_KEY",
+                                                                    "header": "Authorization"}
+    assert [n for n, c in got.items() if c["long_lived"]] == ["s"]
+    assert got["j"]["scope"] == {"audience": None, "ttl": 60}

@@ -331,7 +331,8 @@ def credential_scope(name: str, p: PluginConfig | None) -> dict[str, Any]:
         summary = (f"GitHub App {o.app_id} token: repositories {scope['repositories']}, "
                    f"permissions {scope['permissions']}")
     elif p.type == "aws_sigv4":
-        scope = {"role_arn": o.role_arn, "region": o.region, "duration": o.duration}
+        scope = {"role_arn": o.role_arn, "region": o.region, "duration": o.duration,
+                 "endpoints": [f"{e.service} {e.host}:{e.port} ({e.region})" for e in o.endpoints]}
         summary = f"AWS role {o.role_arn or '(the ambient credentials)'} in {o.region}, {o.duration}s sessions"
     elif p.type in ("oauth2", "token_exchange"):
         scope = {"scopes": list(o.scopes), "audience": o.audience, "resource": o.resource,
