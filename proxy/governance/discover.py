@@ -71,6 +71,11 @@ class Discovery:
         classes = plugin_classes()
         names = config.detectors or tuple(n for n in sorted(classes) if n not in EXCLUDED_BY_DEFAULT)
         self._plugins = [(n, classes[n]()) for n in names if n != KEYWORD]
+        # Each regex plugin's patterns, flattened once (see _matches for why not analyze_string).
+        from detect_secrets.plugins.base import RegexBasedDetector
+
+        self._patterns = [(n, rx) for n, p in self._plugins if isinstance(p, RegexBasedDetector) for rx in p.denylist]
+        self._others = [(n, p) for n, p in self._plugins if not isinstance(p, RegexBasedDetector)]
         from detect_secrets.plugins.keyword import DENYLIST
 
         # The keyword detector's own word list (lower case), as a cheap test of the name before its
@@ -103,29 +108,24 @@ class Discovery:
         values: list[tuple[str, str, bool]] = []
         pairs: list[tuple[str, str, str, bool]] = []
         named: list[tuple[str, str]] = []  # strip-list headers and parameters: findings by name
-        headers = request.headers
-        get_all = getattr(headers, "get_all", None)
         ctype = ""
-        for name in list(headers):
+        for name, v in _header_fields(request.headers):
             n = name.lower()
             if n in _NOT_INSPECTED:
                 continue
-            got = get_all(name) if get_all is not None else [headers[name]]
             if n == "cookie":
-                for header in got:
-                    for k, v in _cookies(header):
-                        pairs.append((f"cookie:{k[:_MAX_NAME]}", k, v, self.strip.cookies))
+                for k, cv in _cookies(v):
+                    pairs.append((f"cookie:{k[:_MAX_NAME]}", k, cv, self.strip.cookies))
                 continue
-            if n == "content-type" and got:
-                ctype = got[0].split(";", 1)[0].strip().lower()
+            if n == "content-type" and not ctype:
+                ctype = v.split(";", 1)[0].strip().lower()
             if n in _PROTOCOL_HEADERS:
                 continue
             where = "header:" + n[:_MAX_NAME]
             stripped = n in self._strip_headers
-            for v in got:
-                values.append((where, v, stripped))
-                if stripped and v.strip():
-                    named.append((where, _SCHEME.sub("", v.strip())))
+            values.append((where, v, stripped))
+            if stripped and v.strip():
+                named.append((where, _SCHEME.sub("", v.strip())))
         path = request.path
         if "?" in path:
             for k, v in parse_qsl(path.split("?", 1)[1].split("#", 1)[0], keep_blank_values=True):
@@ -176,10 +176,11 @@ class Discovery:
             return
         text = "\n".join(values)
         h = self._h
-        for name, plugin in self._plugins:
-            for secret in _matches(plugin, text, values):
-                if secret and not h.is_sequential_string(secret) and not h.is_templated_secret(secret):
-                    yield name, secret
+        found = [(name, _secret(m)) for name, rx in self._patterns for m in rx.finditer(text)]
+        found += [(name, secret) for name, plugin in self._others for secret in _other(plugin, values)]
+        for name, secret in found:
+            if secret and not h.is_sequential_string(secret) and not h.is_templated_secret(secret):
+                yield name, secret
 
     def _keywords(self, name: str, value: str) -> Iterator[tuple[str, str]]:
         """detect-secrets' keyword detector on ``name = "value"`` (the shape it reads), through
@@ -197,8 +198,8 @@ class Discovery:
             yield KEYWORD, secret
 
 
-def _matches(plugin: Any, text: str, values: Sequence[str]) -> Iterator[str]:
-    """What ``plugin`` matched in ``text``: the secret itself, to be fingerprinted.
+def _secret(m: re.Match[str]) -> str:
+    """The secret in a detect-secrets pattern's match, to be fingerprinted.
 
     Not ``RegexBasedDetector.analyze_string``: it yields a pattern's capture groups, and in
     detect-secrets 1.5 GitHub's and GitLab's groups capture the token's prefix alone (``ghp``),
@@ -206,23 +207,31 @@ def _matches(plugin: Any, text: str, values: Sequence[str]) -> Iterator[str]:
     secret-sized (8 characters or more, e.g. the password of BasicAuth, the value of an
     assignment); otherwise the whole match is the secret.
     """
-    from detect_secrets.plugins.base import RegexBasedDetector
+    groups = [g for g in m.groups() if g]
+    best = max(groups, key=len) if groups else ""
+    return best if len(best) >= _MIN_VALUE else m.group(0)
+
+
+def _other(plugin: Any, values: Sequence[str]) -> Iterator[str]:
     from detect_secrets.plugins.high_entropy_strings import HighEntropyStringsPlugin
 
-    if isinstance(plugin, RegexBasedDetector):
-        for rx in plugin.denylist:
-            for m in rx.finditer(text):
-                groups = [g for g in m.groups() if g]
-                best = max(groups, key=len) if groups else ""
-                yield best if len(best) >= _MIN_VALUE else m.group(0)
-    elif isinstance(plugin, HighEntropyStringsPlugin):
+    if isinstance(plugin, HighEntropyStringsPlugin):
         # It reads quoted strings only, and leaves the entropy limit to analyze_line.
         quoted = "\n".join(f'"{v}"' for v in values if '"' not in v)
         for secret in plugin.analyze_string(quoted):
             if plugin.calculate_shannon_entropy(secret) > plugin.entropy_limit:
                 yield secret
     else:
-        yield from plugin.analyze_string(text)
+        yield from plugin.analyze_string("\n".join(values))
+
+
+def _header_fields(headers: Any) -> list[tuple[str, str]]:
+    """Every header field in order, repeated names included. mitmproxy's Headers keep the raw
+    fields (one pass; its ``get_all`` per name rescans them all); a plain mapping has items."""
+    fields = getattr(headers, "fields", None)
+    if fields is None:
+        return [(str(k), str(v)) for k, v in headers.items()]
+    return [(k.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape")) for k, v in fields]
 
 
 def _structured(ctype: str) -> bool:
