@@ -207,3 +207,13 @@ def test_report_credential_scope_from_parsed_config(tmp_path: Path) -> None:
                                                                     "header": "Authorization"}
     assert [n for n, c in got.items() if c["long_lived"]] == ["s"]
     assert got["j"]["scope"] == {"audience": None, "ttl": 60}
+
+
+def test_an_encoded_body_is_not_inflated(d: Discovery) -> None:
+    import gzip
+
+    body = json.dumps({"password": "hunter2-correct-horse"}).encode()
+    r = http.Request.make("POST", "https://api.example.com/", b"", {"Content-Type": "application/json",
+                                                                   "Content-Encoding": "gzip"})
+    r.raw_content = gzip.compress(body)
+    assert d.inspect(r, body=True) == ()

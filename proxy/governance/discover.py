@@ -109,10 +109,13 @@ class Discovery:
         pairs: list[tuple[str, str, str, bool]] = []
         named: list[tuple[str, str]] = []  # strip-list headers and parameters: findings by name
         ctype = ""
+        encoded = False
         for name, v in _header_fields(request.headers):
             n = name.lower()
             if n in _NOT_INSPECTED:
                 continue
+            if n == "content-encoding" and v.strip().lower() not in ("", "identity"):
+                encoded = True
             if n == "cookie":
                 for k, cv in _cookies(v):
                     pairs.append((f"cookie:{k[:_MAX_NAME]}", k, cv, self.strip.cookies))
@@ -135,7 +138,7 @@ class Discovery:
                 if gone and v:
                     named.append((where, v))
         if body and self.config.max_body > 0 and _structured(ctype):
-            content = _content(request)
+            content = _content(request, encoded)
             if content is not None and len(content) <= self.config.max_body:
                 pairs += [(f"body:{k[:_MAX_NAME]}", k, v, False) for k, v in _body_fields(content, ctype)]
         values += [(where, v, gone) for where, _, v, gone in pairs]
@@ -238,12 +241,12 @@ def _structured(ctype: str) -> bool:
     return ctype in JSON_TYPES or (ctype.startswith("application/") and ctype.endswith("+json"))
 
 
-def _content(request: OutboundRequest) -> bytes | None:
-    # A mitmproxy Request once its body is buffered; decoded per Content-Encoding.
-    try:
-        content = getattr(request, "content", None)
-    except ValueError:  # an encoding that does not decode: nothing to inspect
+def _content(request: OutboundRequest, encoded: bool) -> bytes | None:
+    """A buffered mitmproxy request's body as sent. A Content-Encoding body is not inspected:
+    decoding it (``Request.content``) could inflate a small gzip far past ``max_body``."""
+    if encoded:
         return None
+    content = getattr(request, "raw_content", None)
     return content if isinstance(content, bytes) else None
 
 
@@ -288,13 +291,6 @@ def _walk(node: Any, path: str, out: list[tuple[str, str]], depth: int) -> None:
 
 def _member(path: str, key: str) -> str:
     return f"{path}.{key}" if _IDENT.match(key) else f"{path}[{json.dumps(key)}]"
-
-
-def pair_name(location: str) -> str:
-    """The last name in a location (``body:$.db.password`` -> ``password``): what the keyword
-    detector read."""
-    tail = location.split(":", 1)[-1]
-    return re.split(r"[.\[\]\"$]+", tail.strip("]\""))[-1] or tail
 
 
 def scrub_query(doc: dict[str, Any], findings: Sequence[Finding]) -> dict[str, Any]:
