@@ -115,6 +115,7 @@ def test_body_is_read_only_when_buffered_small_and_structured(d: Discovery) -> N
     assert not d.wants_body([("Content-Type", "application/json")])  # chunked: no declared length
     assert not d.wants_body([("Content-Type", "application/json"), ("Content-Length", "65537")])
     assert not d.wants_body([("Content-Type", "application/octet-stream"), ("Content-Length", "10")])
+    assert not d.wants_body([*small, ("Content-Encoding", "gzip")])
     r = req("/", dict(small), body, "POST")
     assert d.inspect(r, body=False) == ()  # a streamed body is never read
     assert shape(d.inspect(r, body=True)) == [("body:$.password", "KeywordDetector", False)]

@@ -98,6 +98,8 @@ class Discovery:
                 length = int(value) if value.strip().isdigit() else None
             elif n == "content-type":
                 ctype = value.split(";", 1)[0].strip().lower()
+            elif n == "content-encoding" and value.strip().lower() not in ("", "identity"):
+                return False  # never inflated for inspection (see _content): not worth buffering
         return length is not None and 0 < length <= self.config.max_body and _structured(ctype)
 
     def inspect(self, request: OutboundRequest, body: bool = False) -> tuple[Finding, ...]:
