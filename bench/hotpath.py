@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 
-def build(tmp: Path, cache: bool, shadow: bool = False) -> Any:
+def build(tmp: Path, cache: bool, shadow: bool = False, discovery: bool = True) -> Any:
     from run import CACHED_DECISION, UNCACHED_DECISION, cached_policy_dir  # bench/run.py
 
     from proxy.audit import JsonLinesSink
@@ -47,6 +47,8 @@ def build(tmp: Path, cache: bool, shadow: bool = False) -> Any:
         "credentials": {"demo-api": {"type": "static", "from": "file", "file": str(tmp / "key")},
                         "workload-jwt": {"type": "jwt"}},
         "audit": {"path": str(tmp / "audit.log")},
+        # Static-secret discovery runs inside forward ("strip + inject"): --no-discovery for its cost.
+        "discovery": {"enabled": discovery},
     }
     cfg = parse_config(raw, tmp / "keyless.yaml")
     prep = prepare(cfg)
@@ -59,14 +61,15 @@ def build(tmp: Path, cache: bool, shadow: bool = False) -> Any:
     return pipeline
 
 
-async def measure(n: int, batches: int, jwt: bool, cache: bool = True, shadow: bool = False) -> dict[str, float]:
+async def measure(n: int, batches: int, jwt: bool, cache: bool = True, shadow: bool = False,
+                  discovery: bool = True) -> dict[str, float]:
     from mitmproxy import http
 
     from proxy.addon import view
     from proxy.pipeline import Connection
 
     tmp = Path(tempfile.mkdtemp(prefix="keyless-hotpath-"))
-    pipeline = build(tmp, cache, shadow)
+    pipeline = build(tmp, cache, shadow, discovery)
     method, path = ("POST", "/v1/reports/x") if jwt else ("GET", "/v1/bench?page=2")
     headers = {"Host": "127.0.0.1:9000", "User-Agent": "keyless-bench", "Accept": "*/*",
                "Authorization": "Bearer app-own"}
@@ -128,8 +131,12 @@ def main() -> int:
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-cache", action="store_true",
                    help="the default policy without cache_ttl: Rego runs every time")
+    p.add_argument("--no-discovery", action="store_true", help="discovery.enabled: false (bench/discovery.py)")
+    p.add_argument("--shadow", action="store_true", help="policy.shadow naming the same policy (bench/shadow.py)")
     args = p.parse_args()
-    results = {name: asyncio.run(measure(args.n, args.batches, jwt, not args.no_cache)) for name, jwt in
+    results = {name: asyncio.run(measure(args.n, args.batches, jwt, not args.no_cache, args.shadow,
+                                         not args.no_discovery))
+               for name, jwt in
                (("static", False), ("jwt", True))}
     if args.json:
         print(json.dumps(results, indent=2))

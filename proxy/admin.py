@@ -1,7 +1,9 @@
-"""The admin listener (aiohttp, localhost by default): health, readiness, JWKS, CA certificate."""
+"""The admin listener (aiohttp, localhost by default): health, readiness, JWKS, CA certificate,
+metrics and the live governance report (``/report``)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,8 @@ from proxy.signing import Signer
 def make_admin_app(signer: Signer, ca_cert: Path, ready: Callable[[], bool],
                    policy_status: Callable[[], dict[str, Any]] | None = None,
                    audit_status: Callable[[], dict[str, Any]] | None = None,
-                   metrics: Any = None) -> web.Application:
+                   metrics: Any = None,
+                   report: Callable[[str], tuple[str, str]] | None = None) -> web.Application:
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
@@ -47,4 +50,22 @@ def make_admin_app(signer: Signer, ca_cert: Path, ready: Callable[[], bool],
             return web.Response(body=generate_latest(metrics), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
         app.router.add_get("/metrics", metrics_text)
+    if report is not None:
+        build = report
+
+        async def report_page(request: web.Request) -> web.Response:
+            # proxy/governance: ?format=html (default), json or md. Off the loop: it reads the
+            # audit file and evaluates the policy over the whole catalog.
+            fmt = request.query.get("format", "html")
+            if fmt not in ("html", "json", "md"):
+                return web.json_response({"error": "bad_request", "message": "format is html, json or md"}, status=400)
+            try:
+                body, ctype = await asyncio.to_thread(build, fmt)
+            except Exception as e:  # noqa: BLE001 - an edited config or policy that does not load
+                problems = getattr(e, "problems", None)
+                message = "; ".join(problems) if isinstance(problems, list) else type(e).__name__
+                return web.json_response({"error": "report_unavailable", "message": message}, status=503)
+            return web.Response(text=body, content_type=ctype, headers={"Cache-Control": "no-store"})
+
+        app.router.add_get("/report", report_page)
     return app

@@ -438,10 +438,13 @@ def parser() -> argparse.ArgumentParser:
     from proxy.audit.cli import add_commands
 
     add_commands(sub, DEFAULT_CONFIG)
-    # keyless learn, keyless policy replay (proxy/governance, docs/learning.md)
+    # keyless learn, keyless policy replay (docs/learning.md); keyless discover, keyless report
+    # (docs/governance.md)
     from proxy.governance.cli import add_commands as add_governance
+    from proxy.governance.report_cli import add_commands as add_report
 
     add_governance(sub, pol, DEFAULT_CONFIG)
+    add_report(sub, DEFAULT_CONFIG)
     return p
 
 

@@ -1,7 +1,8 @@
 """``keyless.yaml`` -> frozen, validated objects; every problem is reported at once.
 
-Sections: listen, admin, tls, trust, policy, strip, credentials, signing, audit, egress, mcp. Plug-in
-sections (trust providers, credentials) are validated by their own module's ``parse``.
+Sections: listen, admin, tls, trust, policy, strip, credentials, signing, audit, egress, mcp,
+discovery. Plug-in sections (trust providers, credentials) are validated by their own module's
+``parse``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from proxy.egress import EgressConfig
 from proxy.egress import parse as parse_egress
 from proxy.envexpand import expand as expand_env
 from proxy.errors import ConfigError
+from proxy.governance.options import DiscoveryConfig, parse_discovery
 from proxy.limits import WireLimits
 from proxy.limits import parse as parse_limits
 from proxy.policy.options import ENGINES, PolicyExtras, parse_extras
@@ -147,6 +149,7 @@ class Config:
     audit: AuditConfig
     egress: EgressConfig = EgressConfig()
     mcp: McpConfig = McpConfig()
+    discovery: DiscoveryConfig = DiscoveryConfig()
 
 
 def _request_body_limit(s: Section) -> int:
@@ -325,6 +328,10 @@ def parse_config(raw: Any, source: Path) -> Config:
     mcp = parse_mcp(s)
     s.done()
 
+    s = top.section("discovery")
+    discovery = parse_discovery(s)
+    s.done()
+
     top.done()
     config = Config(
         source=source,
@@ -339,6 +346,7 @@ def parse_config(raw: Any, source: Path) -> Config:
         audit=audit,
         egress=egress,
         mcp=mcp,
+        discovery=discovery,
     )
     if problems:
         raise ConfigError(problems, partial=config)

@@ -46,6 +46,8 @@ from proxy.config import Config
 from proxy.credentials import CREDENTIALS, CredentialProvider, Runtime
 from proxy.egress import Egress, Pin, describe_peer
 from proxy.errors import ConfigError, KeylessError
+from proxy.governance.discover import Discovery, scrub_query
+from proxy.governance.finding import Finding
 from proxy.governance.shadow import Shadow
 from proxy.model import ANONYMOUS, Attestation, Decision, Grant, GrantContext, Identity, OutboundRequest, Source
 from proxy.paths import check_path
@@ -126,6 +128,10 @@ class Exchange:
     shadow: ShadowRecord | None = None
     # A request to a configured MCP server (proxy.agents.gate).
     mcp: McpCall | None = None
+    # Static secrets the app sent (proxy.governance.discover), and whether its body is buffered
+    # for that inspection.
+    found: tuple[Finding, ...] = ()
+    inspect_body: bool = False
 
     @property
     def refused(self) -> bool:
@@ -163,6 +169,7 @@ class Pipeline:
         self._secret_params = frozenset(config.strip.query_params)
         self._needs_body = frozenset(name for name, p in config.credentials.items()
                                      if CREDENTIALS[p.type].requires_request_body)
+        self.discovery = Discovery(config.discovery, config.strip) if config.discovery.enabled else None
         # Posture by workload id for input.context.posture (set by the server when configured).
         self.posture: Callable[[str | None], dict[str, Any]] | None = None
         # policy.shadow (set by the server when configured): asked beside the engine, never raises.
@@ -271,6 +278,8 @@ class Pipeline:
         # mcp: a JSON-RPC message is decided on its body, which mitmproxy buffers for it
         ex.mcp = self.mcp.open(host, view.port, view.method, view.path, view.headers)
         await self.mcp.head(ex.mcp, doc, view.headers)
+        # discovery: a small JSON or form body is held back to be inspected before strip
+        ex.inspect_body = self.discovery is not None and self.discovery.wants_body(view.headers)
         if ex.mcp is not None and ex.mcp.pending:
             return None
         return await self.decide_input(ex, doc)
@@ -314,6 +323,8 @@ class Pipeline:
     def needs_body(self, ex: Exchange) -> bool:
         """Whether the request body must be buffered before ``forward`` (SigV4 signs its hash)."""
         d = ex.decision
+        if ex.inspect_body:  # discovery reads a small JSON or form body before strip
+            return True
         if ex.mcp is not None and ex.mcp.pending:
             return True
         return d is not None and d.credential is not None and d.credential in self._needs_body
@@ -344,6 +355,9 @@ class Pipeline:
         # connection dials this pin. Before inject, so no credential is minted for a refusal.
         pins = self._allowed.setdefault(conn.id, {})
         pin = await self.egress.pin_for((request.host, request.port), pins)
+        if self.discovery is not None:
+            # Discovery sees what the app sent, so it runs before strip removes it.
+            ex.found = self.discovery.inspect(request, body=ex.inspect_body)
         ex.stripped = tuple(strip_credentials(request, self._strip))
         if decision.credential is not None and injects(request.method):
             # (Never on TRACE, whatever the decision names: egress.trace forward_bare.)
@@ -444,7 +458,8 @@ class Pipeline:
         )
 
     def event(self, ex: Exchange, status: int | None) -> AuditEvent:
-        recorded, erased, masked = mask_input(ex.input, self._mask) if ex.input is not None else (None, [], [])
+        doc = scrub_query(ex.input, ex.found) if ex.input is not None and ex.found else ex.input
+        recorded, erased, masked = mask_input(doc, self._mask) if doc is not None else (None, [], [])
         return AuditEvent(
             decision_id=ex.decision_id, time=ex.time, source=ex.source, identity=ex.identity,
             request=ex.request, decision=ex.decision, policy=self.engine.query,
@@ -452,7 +467,7 @@ class Pipeline:
             outcome=outcome(ex, status), latency_ms=round((time.perf_counter() - ex.started) * 1000, 3),
             input=recorded, erased=tuple(erased), masked=tuple(masked),
             bundles={"keyless": {"revision": self.revision_of(ex)}}, labels=self.labels, shadow=ex.shadow,
-            mcp=McpGate.audit(ex.mcp, ex.identity),
+            mcp=McpGate.audit(ex.mcp, ex.identity), found=ex.found,
         )
 
     async def filter_tools(self, ex: Exchange, body: bytes, content_type: str | None) -> bytes | None:

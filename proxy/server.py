@@ -209,8 +209,15 @@ async def serve(prep: Prepared, *, reuse_port: bool = False) -> int:
         from proxy.admin import make_admin_app
 
         status = policy.status if policy is not None else None
+        report = None
+        if config.audit.path != "-":
+            from functools import partial
+
+            from proxy.governance.report_cli import live_report
+
+            report = partial(live_report, config.source, Path(config.audit.path))
         runner = web.AppRunner(make_admin_app(prep.signer, ca_cert, is_ready, status, audit_status=sink.status,
-                                              metrics=pipeline.telemetry.registry), access_log=None)
+                                              metrics=pipeline.telemetry.registry, report=report), access_log=None)
         await runner.setup()
         try:
             await web.TCPSite(runner, config.admin.address, config.admin.port, reuse_port=reuse_port or None).start()

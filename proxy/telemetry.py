@@ -56,6 +56,9 @@ class Telemetry:
         # Bounded: one revision label per shadow policy version loaded (docs/learning.md).
         self.shadow = Counter("keyless_shadow_decisions", "What the policy.shadow candidate would have decided, "
                               "by candidate revision", ("revision", "result"), registry=r)
+        self.secrets_found = Counter("keyless_secrets_found",
+                                     "Static secrets apps sent (discovery), by where, detector and action",
+                                     ("location", "detector", "action"), registry=r)
         self.reloads = Counter("keyless_sighup_reloads", "SIGHUP reloads by result", ("result",), registry=r)
         self._state: dict[str, str | None] = {}
 
@@ -82,6 +85,9 @@ class Telemetry:
         code = out.error
         outcome = "forwarded" if code is None else "failed" if code == "connection_failed" else "refused"
         self.requests.labels(outcome, code or "").inc()
+        for f in event.found:
+            # Bounded labels: the location's kind (header, query, cookie, body), a plugin name.
+            self.secrets_found.labels(f.kind, f.detector, "stripped" if f.stripped else "forwarded").inc()
         if request_log.isEnabledFor(logging.DEBUG):
             req = event.request
             credential = event.grant.name if event.grant is not None else None

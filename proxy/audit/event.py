@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from proxy.governance.finding import Finding
 from proxy.model import Decision, Grant, Identity, Source
 
 
@@ -114,6 +115,8 @@ class AuditEvent:
     # A request to an MCP server (proxy.agents.gate.McpGate.audit): server, method, tool, the
     # arguments' keyed fingerprint, user and agent; what a tools/list filtering kept.
     mcp: dict[str, Any] | None = None
+    # Static secrets the app sent, as keyed fingerprints (proxy.governance.discover).
+    found: tuple[Finding, ...] = ()
 
     @property
     def revision(self) -> str:
@@ -152,6 +155,8 @@ class AuditEvent:
             record["shadow"] = self.shadow.as_record()
         if self.mcp is not None:
             record["mcp"] = self.mcp
+        if self.found:
+            record["found"] = [f.as_record() for f in self.found]
         return record
 
 
