@@ -14,7 +14,8 @@ from proxy.signing import Signer
 def make_admin_app(signer: Signer, ca_cert: Path, ready: Callable[[], bool],
                    policy_status: Callable[[], dict[str, Any]] | None = None,
                    audit_status: Callable[[], dict[str, Any]] | None = None,
-                   metrics: Any = None) -> web.Application:
+                   metrics: Any = None,
+                   routes: Callable[[web.Application], None] | None = None) -> web.Application:
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
@@ -47,4 +48,6 @@ def make_admin_app(signer: Signer, ca_cert: Path, ready: Callable[[], bool],
             return web.Response(body=generate_latest(metrics), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
         app.router.add_get("/metrics", metrics_text)
+    if routes is not None:
+        routes(app)  # e.g. the authenticated revocation endpoint (proxy/shared/admin.py)
     return app

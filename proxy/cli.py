@@ -437,6 +437,9 @@ def parser() -> argparse.ArgumentParser:
     from proxy.audit.cli import add_commands
 
     add_commands(sub, DEFAULT_CONFIG)
+    from proxy.shared.cli import add_commands as add_shared_commands
+
+    add_shared_commands(sub, DEFAULT_CONFIG)
     return p
 
 

@@ -26,6 +26,8 @@ from proxy.errors import ConfigError
 from proxy.limits import WireLimits
 from proxy.limits import parse as parse_limits
 from proxy.policy.options import ENGINES, PolicyExtras, parse_extras
+from proxy.shared.config import CacheConfig
+from proxy.shared.config import parse as parse_cache
 
 DEFAULT_STRIP_HEADERS = (
     "authorization",
@@ -144,6 +146,7 @@ class Config:
     signing: SigningConfig
     audit: AuditConfig
     egress: EgressConfig = EgressConfig()
+    cache: CacheConfig = CacheConfig()
 
 
 def _request_body_limit(s: Section) -> int:
@@ -318,6 +321,10 @@ def parse_config(raw: Any, source: Path) -> Config:
     egress = parse_egress(s)
     s.done()
 
+    s = top.section("cache")
+    cache = parse_cache(s)  # Redis shared by replicas (proxy/shared/config.py)
+    s.done()
+
     top.done()
     config = Config(
         source=source,
@@ -331,6 +338,7 @@ def parse_config(raw: Any, source: Path) -> Config:
         signing=signing,
         audit=audit,
         egress=egress,
+        cache=cache,
     )
     if problems:
         raise ConfigError(problems, partial=config)
