@@ -17,6 +17,8 @@ cross-replica lock exclusively: two replicas never spend the same refresh token.
 from __future__ import annotations
 
 import base64
+import hashlib
+import json
 import logging
 import os
 import time
@@ -208,6 +210,17 @@ class OAuthClient:
         return doc, started
 
 
+def _chain(raw: str | None) -> tuple[str, str] | None:
+    """A kept refresh token: (token, origin), from its sealed JSON."""
+    try:
+        doc = json.loads(raw) if raw else None
+    except ValueError:
+        return None
+    if isinstance(doc, dict) and isinstance(doc.get("rt"), str) and isinstance(doc.get("origin"), str):
+        return doc["rt"], doc["origin"]
+    return None
+
+
 def parse_token_response(doc: dict[str, Any], started: float) -> Token:
     token = doc.get("access_token")
     if not isinstance(token, str) or not token:
@@ -268,9 +281,10 @@ class OAuth2Credential:
         self.shared: SharedTokens[OAuthKey] | None = shared_tokens(runtime, self.label, options,
                                                                  exclusive=self.refreshing)
         self.cache: TokenCache[OAuthKey] = TokenCache(self.label, self._fetch, options.client.cache, shared=self.shared)
-        # The newest refresh token this replica knows, and the configured one it started from
-        # (a changed secret is a new token the operator issued: it wins over the kept one).
-        self._refresh_token: str | None = None
+        # The newest refresh token this replica knows, with the origin of its rotation chain
+        # (a digest of the configured token it descends from), and the configured token last
+        # read: a changed secret is a new token the operator issued, and it wins.
+        self._refresh: tuple[str, str] | None = None
         self._configured: str | None = None
         if self.refreshing:
             try:
@@ -284,31 +298,41 @@ class OAuth2Credential:
     async def _fetch(self, key: OAuthKey) -> Token:
         scopes, audience, resource = key
         if self.refreshing:
-            return await self._refresh(key)
+            return await self._refresh_grant(key)
         form = {"grant_type": "client_credentials"}
         add_targets(form, scopes, audience, resource)
         return await self.client.request_token(form)
 
-    async def _current_refresh_token(self) -> str:
+    async def _current_refresh_token(self) -> tuple[str, str]:
+        """(the refresh token to spend, the origin of its chain)."""
         try:
             configured = self.options.refresh_token.read()
         except SecretError as e:
             raise FetchError(f"refresh token: {e}", retryable=False) from None
-        if configured != self._configured:
-            self._configured = self._refresh_token = configured
-            return configured
-        kept: str | None = None
+        origin = hashlib.sha256(configured.encode()).hexdigest()[:32]
+        changed = configured != self._configured
+        self._configured = configured
+        kept: tuple[str, str] | None = None
         if self.shared is not None:
             try:
-                kept = await self.shared.get_state(REFRESH_STATE)
+                kept = _chain(await self.shared.get_state(REFRESH_STATE))
             except StoreDown:
                 kept = None  # Redis is down: our own newest one is the best there is
-        return kept or self._refresh_token or configured
+        if kept is not None and kept[1] == origin:
+            return kept[0], origin          # the fleet's newest token of this chain
+        if changed:
+            return configured, origin       # the operator issued a new one: start a new chain
+        if kept is not None:
+            return kept                     # another replica already started from a newer one
+        if self._refresh is not None and self._refresh[1] == origin:
+            return self._refresh
+        return configured, origin
 
-    async def _refresh(self, key: OAuthKey) -> Token:
+    async def _refresh_grant(self, key: OAuthKey) -> Token:
         # Runs under the cross-replica lock (exclusive): no other replica spends this token now.
         scopes, audience, resource = key
-        form = {"grant_type": "refresh_token", "refresh_token": await self._current_refresh_token()}
+        current, origin = await self._current_refresh_token()
+        form = {"grant_type": "refresh_token", "refresh_token": current}
         add_targets(form, scopes, audience, resource)
         doc, started = await self.client.request_document(form)
         token = parse_token_response(doc, started)
@@ -320,10 +344,10 @@ class OAuth2Credential:
                 rotated = None
             if rotated is None:
                 raise FetchError("token response has a malformed refresh_token", retryable=False)
-            self._refresh_token = rotated
+            self._refresh = (rotated, origin)
             if self.shared is not None:
                 try:
-                    await self.shared.put_state(REFRESH_STATE, rotated)
+                    await self.shared.put_state(REFRESH_STATE, json.dumps({"rt": rotated, "origin": origin}))
                 except StoreDown:
                     log.warning("%s: the rotated refresh token could not be stored in Redis; "
                                 "only this replica holds it", self.label)
