@@ -93,9 +93,10 @@ def caches(server: RedisServer, monkeypatch: pytest.MonkeyPatch, n: int, calls: 
     """``n`` caches, each with its own store (one per simulated replica), one counting fetch."""
     async def fetch(key: tuple[str, str]) -> Token:
         calls.append(key[0])
+        n = len(calls)
         await asyncio.sleep(delay)
         now = time.time()
-        return Token(f"tok-{len(calls)}", now + 300, obtained_at=now)
+        return Token(f"tok-{n}", now + 300, obtained_at=now)
 
     out = []
     for _ in range(n):
@@ -197,3 +198,57 @@ def test_sensitive_identity_fails_closed_when_state_is_unknown(server: RedisServ
 def test_store_repr_has_no_secret(server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
     st = store(server, monkeypatch)
     assert KEY not in repr(st) and server.password not in repr(st) and KEY not in repr(st.options)
+
+
+@pytest.mark.parametrize("exclusive", [False, True])
+def test_a_slow_holder_is_waited_for_only_as_long_as_wait_unless_exclusive(
+        server: RedisServer, monkeypatch: pytest.MonkeyPatch, exclusive: bool) -> None:
+    server.flush()
+    calls: list[str] = []
+    a, b = caches(server, monkeypatch, 2, calls, delay=0.8, exclusive=exclusive)
+    for c in (a, b):
+        assert c.shared is not None
+        object.__setattr__(c.shared.store, "options", RedisOptions(
+            server.url, password=SecretSource(env="KL_UNIT_PW"), encryption_key=SecretSource(env="KL_UNIT_KEY"),
+            wait=0.3, lock_ttl=5.0))
+
+    async def main() -> list[Token]:
+        first = asyncio.create_task(a.get(("spiffe://a", "x")))
+        await asyncio.sleep(0.1)  # a holds the lock
+        return [await b.get(("spiffe://a", "x")), await first]
+
+    tokens = asyncio.run(main())
+    # Exclusive (a rotating refresh token): b never fetched beside the holder and got its token.
+    assert len(calls) == (1 if exclusive else 2)
+    assert (tokens[0].value == tokens[1].value) is exclusive
+
+
+def test_sigv4_triple_round_trips_sealed(server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    from botocore.credentials import ReadOnlyCredentials
+
+    server.flush()
+    st = store(server, monkeypatch)
+    shared: SharedTokens[tuple[str, str]] = SharedTokens(st, "aws_sigv4(unit)\0opts", encode=list,
+                                                        decode=lambda d: ReadOnlyCredentials(*d))
+    creds = ReadOnlyCredentials("ASIAUNIT", "unit-secret-key", "unit-session-token")
+
+    async def main() -> Token | None:
+        now = time.time()
+        await shared.save(("spiffe://a", "arn:aws:iam::1:role/r"), Token("ASIAUNIT", now + 600, creds, now))
+        got = await shared.load(("spiffe://a", "arn:aws:iam::1:role/r"))
+        await st.aclose()
+        return got
+
+    got = asyncio.run(main())
+    assert got is not None and got.data == creds and isinstance(got.data, ReadOnlyCredentials)
+    _, blob = server.dump()
+    assert b"unit-secret-key" not in blob and b"unit-session-token" not in blob
+
+
+def test_a_shared_token_past_its_refresh_point_is_not_taken(server: RedisServer,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    [c] = caches(server, monkeypatch, 1, calls, delay=0)
+    now = time.time()
+    assert c.fresh(Token("t", now + 100, obtained_at=now - 10))
+    assert not c.fresh(Token("t", now + 20, obtained_at=now - 80))   # 80 % of its life gone
