@@ -255,6 +255,8 @@ def test_revocation_on_one_replica_denies_on_all_three_within_a_second(
         assert [one(k, url)[0] for k in ks] == [200, 200, 200]
         metrics = requests.get(ks[0].admin_url + "/metrics", timeout=5).text
         assert 'keyless_revocation_denials_total{reason="revoked"}' in metrics
+        assert 'keyless_revocation_changes_total{change="revoked"} 2.0' in metrics
+        assert 'keyless_revocation_changes_total{change="lifted"} 1.0' in metrics
     finally:
         log = stop_all(ks)
         endpoint.stop()

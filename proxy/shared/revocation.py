@@ -93,6 +93,7 @@ async def revoke(store: SharedStore, identity: str, reason: str, ttl: float) -> 
         return gen
 
     gen = await store.run("revoke", write, probe=True)
+    await listing(store)  # drops expired entries, which replicas ignore anyway
     log.warning("revoked %s until %s: %s", identity, _iso(entry.until), entry.reason or "(no reason given)")
     return entry, gen
 
@@ -226,8 +227,10 @@ class Revocations:
             dropped = self.store.purge_local(ident)
             log.warning("identity %s is revoked (generation %d, via %s; %d cached token(s) dropped)",
                         ident, gen, via, dropped)
+            self.counts["change", "revoked"] += 1
         for ident in self.entries.keys() - fresh.keys():
             log.warning("revocation of %s lifted (generation %d, via %s)", ident, gen, via)
+            self.counts["change", "lifted"] += 1
         self.entries = fresh
         self.generation = gen
         self.counts["sync", via] += 1
@@ -296,6 +299,8 @@ class Revocations:
                     samples=[((), 1.0 if self._known else 0.0)])
         yield counter("keyless_revocation_state_changes", "Revocation state became known or unknown", ("state",),
                       [((s,), float(c["state", s])) for s in ("known", "unknown")])
+        yield counter("keyless_revocation_changes", "Revocations this replica learned of, and lifts", ("change",),
+                      [((v,), float(c["change", v])) for v in ("revoked", "lifted")])
         yield counter("keyless_revocation_syncs", "Revocation reloads by what triggered them", ("via",),
                       [((v,), float(c["sync", v])) for v in ("poll", "pubsub")])
         yield counter("keyless_revocation_denials", "Requests refused as revoked or with revocation state unknown",
