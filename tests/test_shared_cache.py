@@ -152,6 +152,27 @@ def test_thousand_concurrent_requests_across_three_replicas_make_one_token_call(
     no_canary(ks, log, redis, [i.value for i in endpoint.issued])
 
 
+def test_one_token_call_per_lifetime_across_replicas(tmp_path: Path, redis: RedisServer, upstream: Upstream) -> None:
+    # A 6 s token is refreshed at 4.5 s: two bursts a lifetime apart cost exactly two calls.
+    endpoint = TokenEndpoint(lifetime=6, delay=0.2).start()
+    unexpired_only(upstream, endpoint)
+    ks = replicas(tmp_path, redis, upstream, oauth(endpoint))
+    try:
+        url = upstream.url("/api/v1/x", tls=False)
+        assert burst(ks, url, per_replica=50, parallel=50) == ["200"] * 150
+        first = endpoint.call_times[0]
+        assert endpoint.calls == 1 and time.time() < first + 4.5, "the first burst took longer than the test allows"
+        time.sleep(max(0.0, first + 4.8 - time.time()))
+        assert burst(ks, url, per_replica=50, parallel=50) == ["200"] * 150
+        assert time.time() < first + 9.0
+    finally:
+        log = stop_all(ks)
+        endpoint.stop()
+    assert endpoint.calls == 2, f"{endpoint.calls} token calls over two lifetimes"
+    assert len({r.headers["authorization"] for r in upstream.received}) == 2
+    no_canary(ks, log, redis, [i.value for i in endpoint.issued])
+
+
 def test_rotating_refresh_token_is_never_spent_twice(tmp_path: Path, redis: RedisServer, upstream: Upstream) -> None:
     # A 3 s access token: each replica reaches the refresh point about every 2 s, all three at once.
     endpoint = TokenEndpoint(lifetime=3, delay=0.2).start()
