@@ -23,7 +23,11 @@ def parse_ttl(text: str) -> float:
 
 
 def cmd_revoke(args: argparse.Namespace) -> int:
+    import logging
     from pathlib import Path
+
+    # The store's log lines are written for a running replica; this command says it in one line.
+    logging.getLogger("keyless.shared").setLevel(logging.ERROR)
 
     from proxy.config import load_config
     from proxy.shared import revocation
@@ -54,7 +58,7 @@ def cmd_revoke(args: argparse.Namespace) -> int:
                 print(f"{'lifted' if found else 'not revoked'}: {args.identity} (generation {gen})")
                 return 0
             entry, gen = await revocation.revoke(store, args.identity, args.reason, args.ttl)
-            print(f"revoked: {entry.identity} until {revocation._iso(entry.until)} (generation {gen})")
+            print(f"revoked: {entry.identity} until {revocation.iso(entry.until)} (generation {gen})")
             return 0
         except StoreDown:
             print(f"keyless revoke: cannot reach Redis at {store.options.url}", file=sys.stderr)

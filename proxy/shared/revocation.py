@@ -94,7 +94,7 @@ async def revoke(store: SharedStore, identity: str, reason: str, ttl: float) -> 
 
     gen = await store.run("revoke", write, probe=True)
     await listing(store)  # drops expired entries, which replicas ignore anyway
-    log.warning("revoked %s until %s: %s", identity, _iso(entry.until), entry.reason or "(no reason given)")
+    log.warning("revoked %s until %s: %s", identity, iso(entry.until), entry.reason or "(no reason given)")
     return entry, gen
 
 
@@ -137,7 +137,7 @@ def _text(k: bytes | str) -> str:
     return k.decode(errors="replace") if isinstance(k, bytes) else k
 
 
-def _iso(t: float) -> str:
+def iso(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
