@@ -36,9 +36,13 @@ class RedisServer:
     password: str = field(default_factory=lambda: "canary-redis-pw-" + secrets.token_hex(8))
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
+    # TLS only (rediss://localhost), with a throwaway CA: (ca, cert, key) from make_tls_files.
+    tls: tuple[Path, Path, Path] | None = None
 
     @property
     def url(self) -> str:
+        if self.tls is not None:
+            return f"rediss://localhost:{self.port}/0"
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
@@ -47,8 +51,13 @@ class RedisServer:
             pytest.skip("redis-server is not installed (apt-get install redis-server; .ci/run does)")
         self.port = self.port or free_port()
         self.tmp.mkdir(parents=True, exist_ok=True)
+        listen = ["--port", str(self.port)]
+        if self.tls is not None:
+            ca, cert, key = self.tls
+            listen = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(cert),
+                      "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no"]
         self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            [exe, *listen, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
              "--requirepass", self.password, "--dir", str(self.tmp), "--logfile", str(self.tmp / "redis.log")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10

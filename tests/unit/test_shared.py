@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -252,3 +253,44 @@ def test_a_shared_token_past_its_refresh_point_is_not_taken(server: RedisServer,
     now = time.time()
     assert c.fresh(Token("t", now + 100, obtained_at=now - 10))
     assert not c.fresh(Token("t", now + 20, obtained_at=now - 80))   # 80 % of its life gone
+
+
+def test_rediss_verifies_the_server_certificate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """TLS to Redis (rediss://): the server's certificate is checked against tls.ca_file."""
+    from proxy.demo import make_tls_files
+    from proxy.shared.config import RedisTls
+    from proxy.shared.store import StoreDown
+
+    (tmp_path / "tls").mkdir()
+    (tmp_path / "other").mkdir()
+    server = RedisServer(tmp_path / "redis-tls", tls=make_tls_files(tmp_path / "tls")).start()
+    other_ca, _, _ = make_tls_files(tmp_path / "other")
+    monkeypatch.setenv("KL_UNIT_KEY", KEY)
+    monkeypatch.setenv("KL_UNIT_PW", server.password)
+
+    def tls_store(ca: Path) -> SharedStore:
+        return SharedStore(CacheConfig(RedisOptions(server.url, password=SecretSource(env="KL_UNIT_PW"),
+                                                    encryption_key=SecretSource(env="KL_UNIT_KEY"),
+                                                    tls=RedisTls(ca_file=ca), timeout=2.0)))
+
+    async def main() -> tuple[Token | None, bool]:
+        good, bad = tls_store(server.tls[0] if server.tls else Path()), tls_store(other_ca)
+        shared: SharedTokens[str] = SharedTokens(good, "oauth2(tls)\0opts")
+        now = time.time()
+        await shared.save("k", Token("over-tls", now + 60, obtained_at=now))
+        got = await shared.load("k")
+        try:
+            await SharedTokens(bad, "oauth2(tls)\0opts").load("k")
+            refused = False
+        except StoreDown:
+            refused = True
+        await good.aclose()
+        await bad.aclose()
+        return got, refused
+
+    try:
+        got, refused = asyncio.run(main())
+    finally:
+        server.stop()
+    assert got is not None and got.value == "over-tls"
+    assert refused, "a Redis certificate from another CA was accepted"
