@@ -126,6 +126,7 @@ class TokenEndpoint:
     call_times: list[float] = field(default_factory=list)
     refresh_token: str = field(default_factory=lambda: "canary-rt-" + secrets.token_urlsafe(12))
     spent: set[str] = field(default_factory=set)
+    subjects: list[str] = field(default_factory=list)
     _loop: asyncio.AbstractEventLoop | None = None
     _runner: web.AppRunner | None = None
 
@@ -155,6 +156,12 @@ class TokenEndpoint:
                 # Rotate before the (slow) answer: a second refresh with it now fails.
                 self.spent.add(presented)
                 self.refresh_token = answer["refresh_token"] = "canary-rt-" + secrets.token_urlsafe(12)
+            elif grant == "urn:ietf:params:oauth:grant-type:token-exchange":
+                # RFC 8693: the subject is Keyless's minted JWT for the caller; its sub is recorded.
+                import jwt
+
+                self.subjects.append(jwt.decode(str(form.get("subject_token")), options={"verify_signature": False})
+                                     ["sub"])
             elif grant != "client_credentials":
                 return web.json_response({"error": "unsupported_grant_type"}, status=400)
             await asyncio.sleep(self.delay)

@@ -285,6 +285,43 @@ def test_revocation_on_one_replica_denies_on_all_three_within_a_second(
     no_canary(ks, log, redis, [i.value for i in endpoint.issued])
 
 
+def test_revocation_purges_the_identitys_shared_tokens(tmp_path: Path, redis: RedisServer, upstream: Upstream) -> None:
+    """token_exchange tokens are per identity: a revocation deletes them from Redis and from every
+    replica's memory, so after the lift the identity gets a freshly exchanged token."""
+    endpoint = TokenEndpoint(lifetime=3600, delay=0.0).start()
+    ks = replicas(tmp_path, redis, upstream, {
+        "type": "token_exchange", "token_url": endpoint.url, "client_id": CLIENT_ID,
+        "client_secret_env": "KL_CLIENT_SECRET", "audience": "https://api.test", "subject": "minted"})
+    url = upstream.url("/api/v1/x", tls=False)
+    try:
+        assert [one(k, url)[0] for k in ks] == [200, 200, 200]
+        assert [one(k, url, source="127.0.0.2")[0] for k in ks] == [200, 200, 200]
+        assert sorted(endpoint.subjects) == [BILLING, PAYMENTS]   # one exchange per identity, shared
+        keys, _ = redis.dump()
+        assert sum(k.startswith("keyless:tok:") for k in keys) == 2
+        r = requests.post(ks[1].admin_url + "/revocations", json={"identity": BILLING, "ttl": 60},
+                          headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=5)
+        assert r.status_code == 201
+        time.sleep(0.5)
+        keys, _ = redis.dump()
+        assert sum(k.startswith("keyless:tok:") for k in keys) == 1   # the other identity's stays
+        assert [one(k, url)[0] for k in ks] == [403, 403, 403]
+        requests.post(ks[1].admin_url + "/revocations/lift", json={"identity": BILLING},
+                      headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=5).raise_for_status()
+        time.sleep(0.5)
+        assert [one(k, url)[0] for k in ks] == [200, 200, 200]
+        listing = requests.get(ks[2].admin_url + "/revocations", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+                               timeout=5).json()
+    finally:
+        log = stop_all(ks)
+        endpoint.stop()
+    # Dropped everywhere: the first request after the lift exchanged again, once for all three.
+    assert sorted(endpoint.subjects) == [BILLING, BILLING, PAYMENTS]
+    assert listing == {"revocations": []}
+    assert "1 cached token(s) dropped" in log
+    no_canary(ks, log, redis, [i.value for i in endpoint.issued])
+
+
 def test_redis_stopped_mid_run(tmp_path: Path, redis: RedisServer, upstream: Upstream) -> None:
     # A 6 s token: refreshed at 4.5 s, so during the outage every replica must fetch once itself.
     endpoint = TokenEndpoint(lifetime=6, delay=0.1).start()
