@@ -17,7 +17,8 @@ def make_admin_app(signer: Signer, ca_cert: Path, ready: Callable[[], bool],
                    policy_status: Callable[[], dict[str, Any]] | None = None,
                    audit_status: Callable[[], dict[str, Any]] | None = None,
                    metrics: Any = None,
-                   report: Callable[[str], tuple[str, str]] | None = None) -> web.Application:
+                   report: Callable[[str], tuple[str, str]] | None = None,
+                   routes: Callable[[web.Application], None] | None = None) -> web.Application:
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
@@ -68,4 +69,6 @@ def make_admin_app(signer: Signer, ca_cert: Path, ready: Callable[[], bool],
             return web.Response(text=body, content_type=ctype, headers={"Cache-Control": "no-store"})
 
         app.router.add_get("/report", report_page)
+    if routes is not None:
+        routes(app)  # e.g. the authenticated revocation endpoint (proxy/shared/admin.py)
     return app

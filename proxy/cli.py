@@ -445,6 +445,9 @@ def parser() -> argparse.ArgumentParser:
 
     add_governance(sub, pol, DEFAULT_CONFIG)
     add_report(sub, DEFAULT_CONFIG)
+    from proxy.shared.cli import add_commands as add_shared_commands
+
+    add_shared_commands(sub, DEFAULT_CONFIG)
     return p
 
 

@@ -30,6 +30,8 @@ from proxy.governance.options import DiscoveryConfig, parse_discovery
 from proxy.limits import WireLimits
 from proxy.limits import parse as parse_limits
 from proxy.policy.options import ENGINES, PolicyExtras, parse_extras
+from proxy.shared.config import CacheConfig
+from proxy.shared.config import parse as parse_cache
 
 DEFAULT_STRIP_HEADERS = (
     "authorization",
@@ -150,6 +152,7 @@ class Config:
     egress: EgressConfig = EgressConfig()
     mcp: McpConfig = McpConfig()
     discovery: DiscoveryConfig = DiscoveryConfig()
+    cache: CacheConfig = CacheConfig()
 
 
 def _request_body_limit(s: Section) -> int:
@@ -332,6 +335,10 @@ def parse_config(raw: Any, source: Path) -> Config:
     discovery = parse_discovery(s)
     s.done()
 
+    s = top.section("cache")
+    cache = parse_cache(s)  # Redis shared by replicas (proxy/shared/config.py)
+    s.done()
+
     top.done()
     config = Config(
         source=source,
@@ -347,6 +354,7 @@ def parse_config(raw: Any, source: Path) -> Config:
         egress=egress,
         mcp=mcp,
         discovery=discovery,
+        cache=cache,
     )
     if problems:
         raise ConfigError(problems, partial=config)

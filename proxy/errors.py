@@ -33,6 +33,10 @@ STATUS: Final[dict[str, int]] = {
     # Still in flight when listen.drain_seconds ran out at shutdown: cut, with this record.
     "drain_timeout": 503,
     "overloaded": 503,
+    # The caller's identity was revoked (`keyless revoke`); the revocation state could not be
+    # synced and the identity is revocation-sensitive (proxy/shared/revocation.py).
+    "identity_revoked": 403,
+    "revocation_unknown": 503,
 }
 
 

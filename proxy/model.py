@@ -36,9 +36,12 @@ class Identity:
 
     id: str | None
     attestations: tuple[Attestation, ...] = ()
+    # Revoked through `keyless revoke` (proxy/shared/revocation.py): the policy sees it, and
+    # Keyless refuses the request after the decision whatever the policy says.
+    revoked: bool = False
 
     def as_input(self) -> dict[str, Any]:
-        return {"id": self.id, "attestations": [a.as_input() for a in self.attestations]}
+        return {"id": self.id, "attestations": [a.as_input() for a in self.attestations], "revoked": self.revoked}
 
 
 ANONYMOUS = Identity(id=None)

@@ -54,6 +54,8 @@ from proxy.paths import check_path
 from proxy.policy import PolicyEngine, PolicyUnavailable
 from proxy.policy.input import build_input
 from proxy.reflect import injects, trace_refusal
+from proxy.shared.revocation import Revocations
+from proxy.shared.store import SharedStore
 from proxy.signing import Signer
 from proxy.strip import strip_credentials
 from proxy.telemetry import Telemetry
@@ -174,6 +176,8 @@ class Pipeline:
         self.posture: Callable[[str | None], dict[str, Any]] | None = None
         # policy.shadow (set by the server when configured): asked beside the engine, never raises.
         self.shadow: Shadow | None = None
+        # Shared revocations (proxy/shared/revocation.py), set by the server with cache.redis.
+        self.revocations: Revocations | None = None
         # Per client connection: the CONNECT authority its tunnel was opened for; what that
         # CONNECT's Proxy-Authorization proved (inside the tunnel nothing is re-presented); and
         # the upstream (host, port) pairs an allowed request asked for, each with the checked
@@ -189,11 +193,13 @@ class Pipeline:
         self.labels: dict[str, str] = dict(audit.labels)
 
     @staticmethod
-    def build_plugins(config: Config, signer: Signer) -> tuple[list[TrustProvider], dict[str, CredentialProvider]]:
-        """Instantiate trust providers and credentials; raise ConfigError with every problem."""
+    def build_plugins(config: Config, signer: Signer, shared: SharedStore | None = None,
+                      ) -> tuple[list[TrustProvider], dict[str, CredentialProvider]]:
+        """Instantiate trust providers and credentials; raise ConfigError with every problem.
+        ``shared``: the Redis store behind their token caches (``cache.redis``)."""
         problems: list[str] = []
         trust = [TRUST_PROVIDERS[p.type].create(p.name, p.options) for p in config.trust]
-        runtime = Runtime(signer=signer)
+        runtime = Runtime(signer=signer, shared=shared)
         credentials: dict[str, CredentialProvider] = {}
         for name, p in config.credentials.items():
             try:
@@ -259,6 +265,10 @@ class Pipeline:
             ex.request = RequestRecord(view.method, view.scheme, host, view.port, path, destination=destination)
         # attest
         ex.identity = await self.attest(self._caller(conn, view.proxy_authorization))
+        if self.revocations is not None:
+            # input.identity.revoked; a revocation-sensitive identity is refused here while the
+            # revocation state is unknown.
+            ex.identity = self.revocations.mark(ex.identity)
         # TRACE echoes the request, credential included: refused (egress.trace) before the
         # policy is asked, so no policy can allow it.
         trace = trace_refusal(view.method, self.config.egress.trace)
@@ -309,6 +319,8 @@ class Pipeline:
         self.telemetry.decided("allow" if decision.allow else "deny", decision.cached, time.perf_counter() - started)
         self.telemetry.health("policy engine", None)
         ex.decision = decision
+        if self.revocations is not None:
+            self.revocations.enforce(ex.identity)
         if not decision.allow:
             raise KeylessError("forbidden", decision.reason or "denied by policy")
         if decision.credential is not None and decision.credential not in self.credentials:

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from proxy.pipeline import Pipeline
 from proxy.policy import PolicyEngine
 from proxy.policy.embedded import PolicyLoadError
 from proxy.policy.runtime import PolicyRuntime, build_policy
+from proxy.shared.store import SharedStore, store_for
 from proxy.signing import Signer
 from proxy.trust import TrustProvider
 
@@ -39,6 +41,7 @@ class Prepared:
     credentials: dict[str, CredentialProvider]
     policy: PolicyRuntime | None = None
     shadow: Shadow | None = None  # policy.shadow, evaluated beside the engine (docs/learning.md)
+    shared: SharedStore | None = None
 
 
 def prepare(config: Config) -> Prepared:
@@ -65,9 +68,15 @@ def prepare(config: Config) -> Prepared:
             problems.extend(f"policy: {p}" for p in e.problems)
     trust: list[TrustProvider] = []
     credentials: dict[str, CredentialProvider] = {}
+    shared: SharedStore | None = None
+    try:
+        # Reads the encryption key and Redis password; connects only once serving.
+        shared = store_for(config.cache)
+    except ConfigError as e:
+        problems.extend(e.problems)
     if signer is not None:
         try:
-            trust, credentials = Pipeline.build_plugins(config, signer)
+            trust, credentials = Pipeline.build_plugins(config, signer, shared)
         except ConfigError as e:
             problems.extend(e.problems)
     if problems:
@@ -75,7 +84,7 @@ def prepare(config: Config) -> Prepared:
     if signer is None or policy is None:
         raise RuntimeError("invariant broken: no signer or policy without a problem")
     set_fingerprint_key(signer.derived_key(b"audit-fingerprint"))
-    return Prepared(config, signer, policy.engine, trust, credentials, policy, shadow)
+    return Prepared(config, signer, policy.engine, trust, credentials, policy, shadow=shadow, shared=shared)
 
 
 def load_and_prepare(path: Path) -> Prepared:
@@ -135,6 +144,12 @@ async def serve(prep: Prepared, *, reuse_port: bool = False) -> int:
     pipeline.shadow = prep.shadow
     if policy is not None and policy.posture is not None:
         pipeline.posture = policy.posture.lookup
+    shared = prep.shared
+    if shared is not None:
+        from proxy.shared.revocation import Revocations
+
+        pipeline.revocations = Revocations(shared)
+        pipeline.telemetry.add_collector(shared.collect)
 
     from proxy.ports import Bound, bind_problem, fmt_address, remove_state, write_state
 
@@ -217,7 +232,8 @@ async def serve(prep: Prepared, *, reuse_port: bool = False) -> int:
 
             report = partial(live_report, config.source, Path(config.audit.path))
         runner = web.AppRunner(make_admin_app(prep.signer, ca_cert, is_ready, status, audit_status=sink.status,
-                                              metrics=pipeline.telemetry.registry, report=report), access_log=None)
+                                              metrics=pipeline.telemetry.registry, report=report,
+                                              routes=_shared_routes(shared)), access_log=None)
         await runner.setup()
         try:
             await web.TCPSite(runner, config.admin.address, config.admin.port, reuse_port=reuse_port or None).start()
@@ -247,6 +263,8 @@ async def serve(prep: Prepared, *, reuse_port: bool = False) -> int:
     if prep.shadow is not None:
         await prep.shadow.start()
     await sink.start({"version": pipeline.labels.get("version"), "policy_revision": prep.engine.revision})
+    if pipeline.revocations is not None:
+        await pipeline.revocations.begin()
     ticker = loop.create_task(_tick(sink))
     flushed = False
     try:
@@ -264,11 +282,23 @@ async def serve(prep: Prepared, *, reuse_port: bool = False) -> int:
             await policy.stop()
         if prep.shadow is not None:
             await prep.shadow.stop()
+        if pipeline.revocations is not None:
+            await pipeline.revocations.stop()
+        if shared is not None:
+            await shared.aclose()
         # Every record written (spool flushed, final checkpoint signed) or a non-zero exit.
         flushed = await sink.aclose()
         if runner is not None:
             await runner.cleanup()
     return 0 if flushed else 1
+
+
+def _shared_routes(shared: SharedStore | None) -> Callable[[web.Application], None] | None:
+    if shared is None:
+        return None
+    from proxy.shared.admin import add_routes
+
+    return lambda app: add_routes(app, shared)
 
 
 async def _tick(sink: AuditTrail) -> None:

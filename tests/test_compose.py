@@ -55,6 +55,17 @@ def test_compose_wires_opa_keyless_api_and_a_secretless_client() -> None:
     assert "https://demo-api:9443/v1/invoices" in client["command"] and "/ca/ca.pem" in client["command"]
 
 
+def test_compose_keyless_shares_its_cache_through_the_redis_service() -> None:
+    services = _compose()["services"]
+    keyless = services["keyless"]
+    assert keyless["depends_on"]["redis"] == {"condition": "service_healthy"}
+    config = yaml.safe_load((REPO / "deploy" / "compose" / "keyless.yaml").read_text())
+    assert config["cache"]["redis"]["url"] == "redis://redis:6379/0"
+    for name in (config["cache"]["redis"]["password_env"], config["cache"]["redis"]["encryption_key_env"]):
+        assert name in keyless["environment"]
+    assert "--requirepass" in services["redis"]["command"]
+
+
 def _default(value: str) -> str:
     """Compose interpolation of ``${NAME:-default}`` (the default, as in a fresh checkout)."""
     return re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", value)

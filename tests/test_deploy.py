@@ -86,3 +86,25 @@ def test_compose_sidecar_shares_the_apps_network_namespace() -> None:
     assert compose["sidecar-app"]["network_mode"] == f"service:{owner}"
     assert "NET_ADMIN" in rules["cap_add"]
     assert not any("proxy" in k.lower() for k in compose["sidecar-app"].get("environment", {}))
+
+
+def test_gateway_replicas_share_the_redis_the_manifest_runs() -> None:
+    path = REPO / "deploy" / "kubernetes" / "gateway.yaml"
+    config = yaml.safe_load(_by_kind("ConfigMap", path)[0]["data"]["keyless.yaml"])
+    redis = config["cache"]["redis"]
+    service = next(s for s in _by_kind("Service", path) if s["metadata"]["name"] == "keyless-redis")
+    host = f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc"
+    assert redis["url"] == f"redis://{host}:{service['spec']['ports'][0]['port']}/0"
+    [store] = _by_kind("StatefulSet", path)
+    assert store["spec"]["selector"]["matchLabels"] == service["spec"]["selector"]
+    args = store["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--appendonly") + 1] == "yes"  # revocations survive a Redis restart
+    # Every secret the cache config names comes from a Secret, never a literal.
+    gateway = _by_kind("Deployment", path)[0]["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in gateway["env"]}
+    for name in (redis["password_env"], redis["encryption_key_env"], config["cache"]["revocation"]["admin_token_env"]):
+        assert "secretKeyRef" in env[name]["valueFrom"]
+    # Only the gateway reaches Redis.
+    policy = next(p for p in _by_kind("NetworkPolicy", path) if p["metadata"]["name"] == "keyless-redis")
+    assert policy["spec"]["ingress"][0]["from"] == [{"podSelector": {"matchLabels": service["spec"]["selector"] | {
+        "app.kubernetes.io/name": "keyless-gateway"}}}]

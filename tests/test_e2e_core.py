@@ -277,7 +277,7 @@ def test_identity_with_requests_source_address(env: Env) -> None:
 def test_unmatched_caller_has_null_identity_and_is_refused(env: Env) -> None:
     r = curl(env.k, env.upstream.url("/v1/x"), "--interface", "127.0.0.3")
     rec = assert_refused(r, 403, "forbidden", env)
-    assert rec["identity"] == {"id": None, "attestations": []}
+    assert rec["identity"] == {"id": None, "attestations": [], "revoked": False}
     assert rec["source"]["address"] == "127.0.0.3"
     assert "no attested workload identity" in r.json()["message"]
 

@@ -135,7 +135,8 @@ def test_build_input_shape() -> None:
     doc = make_input(ident)
     assert doc["source"] == {"address": "10.0.3.7", "port": 50312}
     assert doc["identity"] == {"id": "spiffe://x/y", "attestations": [
-        {"provider": "lo", "type": "source_ip", "id": "spiffe://x/y", "facts": {"cidr": "10.0.0.0/8"}}]}
+        {"provider": "lo", "type": "source_ip", "id": "spiffe://x/y", "facts": {"cidr": "10.0.0.0/8"}}],
+        "revoked": False}
     assert doc["request"] == {"method": "GET", "scheme": "https", "host": "api.example", "port": 443,
                               "path": "/repos/acme", "path_template": "/repos/acme", "query": {"page": ["2", "3"]},
                               "headers": {"user-agent": "curl/8", "accept": "a, b"}}
@@ -154,7 +155,7 @@ def test_build_input_withholds_authorization_even_if_strip_list_is_empty() -> No
     doc = build_input(source=Source("a", 1), identity=ANONYMOUS, method="GET", scheme="http", host="h", port=80,
                       path="/", query=[], headers=[("AUTHORIZATION", SECRET), ("cookie", SECRET)],
                       secret_headers=frozenset(), secret_params=frozenset(), time="t", mode="regular")
-    assert doc["identity"] == {"id": None, "attestations": []}
+    assert doc["identity"] == {"id": None, "attestations": [], "revoked": False}
     assert doc["request"]["headers"] == {}
 
 

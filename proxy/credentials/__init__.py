@@ -9,7 +9,7 @@ a request never leaves with no credential or a stale one.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from proxy.confread import Section
 from proxy.credentials.http import HttpClients
@@ -17,17 +17,22 @@ from proxy.model import Grant, GrantContext, OutboundRequest
 from proxy.plugins import PluginSpec
 from proxy.signing import Signer
 
+if TYPE_CHECKING:
+    from proxy.shared.store import SharedStore
+
 
 @dataclass(frozen=True, slots=True)
 class Runtime:
     """Shared services a credential provider may use.
 
     ``http`` hands out aiohttp sessions created lazily on the running loop, shared by every
-    provider that talks to a token endpoint.
+    provider that talks to a token endpoint. ``shared`` is the Redis store behind every token
+    cache when ``cache.redis`` is configured (proxy/shared/tokens.py ``shared_tokens``).
     """
 
     signer: Signer
     http: HttpClients = field(default_factory=HttpClients)
+    shared: SharedStore | None = None
 
 
 class CredentialProvider(Protocol):

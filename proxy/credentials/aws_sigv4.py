@@ -40,6 +40,7 @@ from proxy.credentials.cache import CachePolicy, FetchError, Token, TokenCache
 from proxy.credentials.http import endpoint_url, quiet_botocore, request_body
 from proxy.errors import KeylessError
 from proxy.model import Grant, GrantContext, OutboundRequest, fingerprint
+from proxy.shared.tokens import SharedTokens, shared_tokens
 
 # Everything an app may send to authenticate to AWS; removed before Keyless signs.
 AUTH_HEADERS = ("authorization", "x-amz-date", "x-amz-security-token", "x-amz-content-sha256")
@@ -162,7 +163,11 @@ class AwsSigV4Credential:
         self.options = options
         self.label = f"aws_sigv4({name})"
         self.runtime = runtime
-        self.cache: TokenCache[tuple[str, str]] = TokenCache(self.label, self._fetch, options.cache)
+        # The STS triple is sealed as a list and rebuilt (proxy/shared/tokens.py).
+        shared: SharedTokens[tuple[str, str]] | None = shared_tokens(
+            runtime, self.label, options, identity_of=lambda k: k[0], encode=list,
+            decode=lambda d: ReadOnlyCredentials(*d))
+        self.cache: TokenCache[tuple[str, str]] = TokenCache(self.label, self._fetch, options.cache, shared=shared)
         self._endpoints = {(e.host, e.port): e for e in options.endpoints}
 
     def __repr__(self) -> str:

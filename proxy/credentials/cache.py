@@ -7,6 +7,10 @@ while one background task fetches its successor (refresh-ahead, as Envoy's OAuth
 provider does), so steady traffic never waits for the token endpoint. An expired token is never
 served: once ``expires_at`` is near, a caller waits for a fresh one or gets the failure.
 
+With ``cache.redis`` a ``SharedTokens`` (proxy/shared/tokens.py) sits behind the dict: a local
+miss asks Redis, and the fetch is single-flight across replicas. The local dict stays in front,
+so a hit never touches the network, and a Redis outage only costs a fetch per replica.
+
 Fetches are bounded: each attempt has a timeout, failures marked retryable are retried with
 exponential backoff, and every waiter gets the same ``KeylessError("credential_unavailable")``
 when the last attempt fails. Nothing here logs or formats a token value.
@@ -21,9 +25,12 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from proxy.errors import KeylessError
+
+if TYPE_CHECKING:
+    from proxy.shared.tokens import SharedTokens
 
 log = logging.getLogger("keyless.credentials")
 
@@ -74,8 +81,12 @@ class TokenCache[K: Hashable]:
     """Tokens per key, fetched by ``fetch(key)``; ``provider`` names who fails in errors."""
 
     def __init__(self, provider: str, fetch: Callable[[K], Awaitable[Token]],
-                 policy: CachePolicy | None = None, clock: Callable[[], float] = time.time) -> None:
+                 policy: CachePolicy | None = None, clock: Callable[[], float] = time.time,
+                 shared: SharedTokens[K] | None = None) -> None:
         self.provider = provider
+        self.shared = shared
+        if shared is not None:
+            shared.cache = self
         self.policy = policy or CachePolicy()
         self._fetch = fetch
         self._clock = clock
@@ -120,7 +131,7 @@ class TokenCache[K: Hashable]:
     async def _run(self, key: K, future: asyncio.Future[Token], background: bool) -> None:
         try:
             try:
-                token = await self._fetch_with_retries(key)
+                token = await self._obtain(key)
             except KeylessError:
                 raise
             except Exception as e:  # noqa: BLE001 - a bug must not leave waiters hanging forever
@@ -140,6 +151,25 @@ class TokenCache[K: Hashable]:
             future.set_result(token)
         finally:
             self._inflight.pop(key, None)
+
+    async def _obtain(self, key: K) -> Token:
+        if self.shared is None:
+            return await self._fetch_with_retries(key)
+        return await self.shared.obtain(key, lambda: self._fetch_with_retries(key), self.fresh)
+
+    def fresh(self, token: Token) -> bool:
+        """Whether a token from elsewhere (Redis) is before its refresh point: one past it would
+        start a refresh on every request here while the replica that owns the refresh works."""
+        lifetime = max(token.expires_at - token.obtained_at, 0.0)
+        return self._clock() < min(token.obtained_at + lifetime * self.policy.refresh_at,
+                                   token.expires_at - min(self.policy.min_remaining, lifetime / 4))
+
+    def purge(self, match: Callable[[K], bool]) -> int:
+        """Drop the cached tokens whose key ``match``es (a revoked identity's); how many."""
+        doomed = [k for k in self._entries if match(k)]
+        for k in doomed:
+            del self._entries[k]
+        return len(doomed)
 
     def _store(self, key: K, token: Token) -> None:
         p = self.policy

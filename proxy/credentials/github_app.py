@@ -28,6 +28,7 @@ from proxy.credentials.static import SecretError, check_secret
 from proxy.errors import ConfigError, KeylessError
 from proxy.model import Grant, GrantContext, OutboundRequest, fingerprint
 from proxy.redact import header_forms
+from proxy.shared.tokens import shared_tokens
 
 PERMISSION_LEVELS = ("read", "write", "admin")
 Key = tuple[int, tuple[str, ...], tuple[tuple[str, str], ...]]
@@ -87,7 +88,8 @@ class GitHubAppCredential:
         if not isinstance(key, rsa.RSAPrivateKey):
             raise ConfigError([f"credentials.{name}.private_key_file: GitHub Apps use RSA keys"])
         self._key = key
-        self.cache: TokenCache[Key] = TokenCache(self.label, self._fetch, options.cache)
+        self.cache: TokenCache[Key] = TokenCache(self.label, self._fetch, options.cache,
+                                                 shared=shared_tokens(runtime, self.label, options))
 
     def __repr__(self) -> str:
         return f"GitHubAppCredential(name={self.name!r}, app_id={self.options.app_id!r})"

@@ -6,11 +6,20 @@ assertion signed with Keyless's own signing key, so no client secret exists anyw
 the configured scopes, ``audience`` and ``resource`` (RFC 8707), and injects the token as a
 bearer token. The decision's ``params`` may override ``scopes``, ``audience`` and ``resource``.
 Tokens are cached per (scopes, audience, resource) in a ``TokenCache``.
+
+``grant: refresh_token`` uses the refresh token grant (RFC 6749 section 6) instead: the first
+refresh token comes from ``refresh_token_env``/``refresh_token_file``; an issuer that rotates
+refresh tokens answers each refresh with a new one and rejects the old, so the new one is kept
+(sealed in Redis with ``cache.redis``, where every replica finds it) and the fetch takes the
+cross-replica lock exclusively: two replicas never spend the same refresh token.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
+import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -26,8 +35,15 @@ from proxy.credentials.static import SecretError, check_secret, env_missing
 from proxy.errors import ConfigError, KeylessError
 from proxy.model import Grant, GrantContext, OutboundRequest, fingerprint
 from proxy.redact import header_forms
+from proxy.shared.config import SecretSource
+from proxy.shared.store import StoreDown
+from proxy.shared.tokens import SharedTokens, shared_tokens
 
 AUTH_METHODS = ("client_secret_basic", "client_secret_post", "private_key_jwt")
+GRANTS = ("client_credentials", "refresh_token")
+REFRESH_STATE = "refresh_token"  # noqa: S105 - the name of a sealed value, not a secret
+OAuthKey = tuple[tuple[str, ...], str | None, str | None]
+log = logging.getLogger("keyless.credentials")
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +180,11 @@ class OAuthClient:
 
     async def request_token(self, form: dict[str, str]) -> Token:
         """POST ``form`` to the token endpoint with client authentication; parse the answer."""
+        doc, started = await self.request_document(form)
+        return parse_token_response(doc, started)
+
+    async def request_document(self, form: dict[str, str]) -> tuple[dict[str, Any], float]:
+        """The token endpoint's JSON answer to ``form`` and when the request was sent."""
         o = self.options
         url = await self.token_url()
         data = dict(form)
@@ -186,7 +207,18 @@ class OAuthClient:
         session = self.runtime.http.session(o.ca_file)
         started = time.time()
         doc = await request_json(session, "POST", url, data=data, headers=headers)
-        return parse_token_response(doc, started)
+        return doc, started
+
+
+def _chain(raw: str | None) -> tuple[str, str] | None:
+    """A kept refresh token: (token, origin), from its sealed JSON."""
+    try:
+        doc = json.loads(raw) if raw else None
+    except ValueError:
+        return None
+    if isinstance(doc, dict) and isinstance(doc.get("rt"), str) and isinstance(doc.get("origin"), str):
+        return doc["rt"], doc["origin"]
+    return None
 
 
 def parse_token_response(doc: dict[str, Any], started: float) -> Token:
@@ -219,13 +251,22 @@ class OAuth2Options:
     resource: str | None
     header: str
     template: str
+    grant: str = "client_credentials"
+    refresh_token: SecretSource = SecretSource()
 
 
 def parse(s: Section) -> OAuth2Options:
     header, template = header_template(s)
     scopes = s.str_list("scopes", ())
+    grant = s.choice("grant", GRANTS, "client_credentials")
+    refresh = SecretSource(s.text("refresh_token_env", None), s.path_value("refresh_token_file", None))
+    if grant == "refresh_token" and (refresh.env is None) == (refresh.file is None):
+        s.error("set exactly one of refresh_token_env or refresh_token_file for grant: refresh_token",
+                "refresh_token_env")
+    elif grant != "refresh_token" and refresh.configured:
+        s.error("is used with grant: refresh_token only", "refresh_token_env" if refresh.env else "refresh_token_file")
     return OAuth2Options(parse_client(s), tuple(sorted(set(scopes))), s.text("audience", None),
-                         s.text("resource", None), header, template)
+                         s.text("resource", None), header, template, grant, refresh)
 
 
 class OAuth2Credential:
@@ -236,19 +277,83 @@ class OAuth2Credential:
         self.options = options
         self.label = f"oauth2({name})"
         self.client = OAuthClient(name, self.label, options.client, runtime)
-        self.cache: TokenCache[tuple[tuple[str, ...], str | None, str | None]] = TokenCache(
-            self.label, self._fetch, options.client.cache)
+        self.refreshing = options.grant == "refresh_token"
+        self.shared: SharedTokens[OAuthKey] | None = shared_tokens(runtime, self.label, options,
+                                                                 exclusive=self.refreshing)
+        self.cache: TokenCache[OAuthKey] = TokenCache(self.label, self._fetch, options.client.cache, shared=self.shared)
+        # The newest refresh token this replica knows, with the origin of its rotation chain
+        # (a digest of the configured token it descends from), and the configured token last
+        # read: a changed secret is a new token the operator issued, and it wins.
+        self._refresh: tuple[str, str] | None = None
+        self._configured: str | None = None
+        if self.refreshing:
+            try:
+                self._configured = options.refresh_token.read()
+            except SecretError as e:
+                raise ConfigError([f"credentials.{name}: refresh token: {e}"]) from None
 
     def __repr__(self) -> str:
         return f"OAuth2Credential(name={self.name!r})"
 
-    async def _fetch(self, key: tuple[tuple[str, ...], str | None, str | None]) -> Token:
+    async def _fetch(self, key: OAuthKey) -> Token:
         scopes, audience, resource = key
+        if self.refreshing:
+            return await self._refresh_grant(key)
         form = {"grant_type": "client_credentials"}
         add_targets(form, scopes, audience, resource)
         return await self.client.request_token(form)
 
-    def key_for(self, ctx: GrantContext) -> tuple[tuple[str, ...], str | None, str | None]:
+    async def _current_refresh_token(self) -> tuple[str, str]:
+        """(the refresh token to spend, the origin of its chain)."""
+        try:
+            configured = self.options.refresh_token.read()
+        except SecretError as e:
+            raise FetchError(f"refresh token: {e}", retryable=False) from None
+        origin = hashlib.sha256(configured.encode()).hexdigest()[:32]
+        changed = configured != self._configured
+        self._configured = configured
+        kept: tuple[str, str] | None = None
+        if self.shared is not None:
+            try:
+                kept = _chain(await self.shared.get_state(REFRESH_STATE))
+            except StoreDown:
+                kept = None  # Redis is down: our own newest one is the best there is
+        if kept is not None and kept[1] == origin:
+            return kept[0], origin          # the fleet's newest token of this chain
+        if changed:
+            return configured, origin       # the operator issued a new one: start a new chain
+        if kept is not None:
+            return kept                     # another replica already started from a newer one
+        if self._refresh is not None and self._refresh[1] == origin:
+            return self._refresh
+        return configured, origin
+
+    async def _refresh_grant(self, key: OAuthKey) -> Token:
+        # Runs under the cross-replica lock (exclusive): no other replica spends this token now.
+        scopes, audience, resource = key
+        current, origin = await self._current_refresh_token()
+        form = {"grant_type": "refresh_token", "refresh_token": current}
+        add_targets(form, scopes, audience, resource)
+        doc, started = await self.client.request_document(form)
+        token = parse_token_response(doc, started)
+        rotated = doc.get("refresh_token")
+        if rotated is not None:
+            try:
+                rotated = check_secret(rotated) if isinstance(rotated, str) else None
+            except SecretError:
+                rotated = None
+            if rotated is None:
+                raise FetchError("token response has a malformed refresh_token", retryable=False)
+            self._refresh = (rotated, origin)
+            if self.shared is not None:
+                try:
+                    await self.shared.put_state(REFRESH_STATE, json.dumps({"rt": rotated, "origin": origin}))
+                except StoreDown:
+                    log.warning("%s: the rotated refresh token could not be stored in Redis; "
+                                "only this replica holds it", self.label)
+        return token
+
+    def key_for(self, ctx: GrantContext) -> OAuthKey:
         o = self.options
         return (param_scopes(ctx, o.scopes, self.label), param_text(ctx, "audience", o.audience, self.label),
                 param_text(ctx, "resource", o.resource, self.label))

@@ -29,6 +29,7 @@ from proxy.credentials.oauth2 import (
 from proxy.errors import KeylessError
 from proxy.model import Grant, GrantContext, OutboundRequest, fingerprint
 from proxy.redact import header_forms
+from proxy.shared.tokens import shared_tokens
 
 GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
 JWT_TYPE = "urn:ietf:params:oauth:token-type:jwt"
@@ -79,7 +80,8 @@ class TokenExchangeCredential:
         self.label = f"token_exchange({name})"
         self.signer = runtime.signer
         self.client = OAuthClient(name, self.label, options.client, runtime)
-        self.cache: TokenCache[Key] = TokenCache(self.label, self._fetch, options.client.cache)
+        self.cache: TokenCache[Key] = TokenCache(self.label, self._fetch, options.client.cache, shared=shared_tokens(
+            runtime, self.label, options, identity_of=lambda k: k[0]))
 
     def __repr__(self) -> str:
         return f"TokenExchangeCredential(name={self.name!r})"

@@ -37,6 +37,7 @@ INPUT_FIELDS: tuple[InputField, ...] = (
     InputField("source.port", False, "a new ephemeral port per connection: nothing would ever hit"),
     InputField("identity.id", True),
     InputField("identity.attestations", True, subtree=True),
+    InputField("identity.revoked", True),
     InputField("request.method", True),
     InputField("request.scheme", True),
     InputField("request.host", True),
