@@ -40,6 +40,8 @@ def credential_samples(tmp: Path) -> dict[str, dict[str, Any]]:
                            "client_secret_env": "KL_CONTRACT_CANARY"},
         "aws_sigv4": {"endpoints": [{"host": "s3.example", "service": "s3"}]},
         "github_app": {"app_id": 1, "private_key_file": str(pem)},
+        "on_behalf_of": {"token_url": "https://issuer.example/token", "client_id": "c",
+                         "client_secret_env": "KL_CONTRACT_CANARY"},
     }
 
 

@@ -54,6 +54,8 @@ def configs(tmp: Path) -> dict[str, dict[str, Any]]:
         "aws_sigv4": {"type": "aws_sigv4", "role_arn": "arn:aws:iam::123456789012:role/app",
                       "endpoints": [{"host": "api.test", "service": "s3"}]},
         "github_app": {"type": "github_app", "app_id": 1, "installation_id": 2, "private_key_file": str(pem)},
+        "on_behalf_of": {"type": "on_behalf_of", "token_url": "https://issuer.test/token", "client_id": "c",
+                         "client_auth": "private_key_jwt"},
     }
 
 
@@ -68,7 +70,9 @@ def test_grant_names_what_was_injected(tmp_path: Path, kind: str) -> None:
     p = config.credentials["c"]
     provider: Any = CREDENTIALS[p.type].create("c", p.options, Runtime(Signer.create("ES256", None, "keyless")))
     identity = Identity(CALLER, (Attestation("p", "source_ip", CALLER),))
-    ctx = GrantContext(identity, Decision(True, "", "c", {}), "https", "api.test", 443)
+    # user_token: what an agent presents for on_behalf_of (the other providers ignore it).
+    ctx = GrantContext(identity, Decision(True, "", "c", {}), "https", "api.test", 443, path="/v1/x",
+                       user_token="canary-user-token-" + "z" * 20)
     cache = getattr(provider, "cache", None)
     if cache is not None:
         data = ReadOnlyCredentials("ASIAEXAMPLEKEYID0001", "secret-key", "canary-session-token-" + "y" * 20) \
