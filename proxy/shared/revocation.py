@@ -57,12 +57,15 @@ def names(store: SharedStore) -> tuple[str, str, str]:
     return store.key("revocations"), store.key("revocations", "generation"), store.key("revocations")
 
 
-def _parse(identity: str, raw: bytes | str) -> Revocation | None:
+def _parse(identity: str, raw: bytes | str) -> Revocation:
+    """An entry as stored; one that cannot be read still revokes (fail closed), for an hour
+    from now, so a corrupted or hand-written entry never lets the identity through."""
     try:
         doc = json.loads(raw)
         return Revocation(identity, str(doc.get("reason", ""))[:MAX_REASON], float(doc["at"]), float(doc["until"]))
     except (ValueError, KeyError, TypeError, AttributeError):
-        return None
+        now = time.time()
+        return Revocation(identity, "unreadable revocation entry", now, now + 3600)
 
 
 # --- changes (keyless revoke, the admin endpoint) ----------------------------------------------
@@ -124,7 +127,7 @@ async def listing(store: SharedStore) -> list[Revocation]:
     for k, v in raw.items():
         ident = _text(k)
         entry = _parse(ident, v)
-        if entry is not None and entry.until > now:
+        if entry.until > now:
             live.append(entry)
         else:
             expired.append(k)
@@ -220,9 +223,7 @@ class Revocations:
         fresh: dict[str, Revocation] = {}
         for k, v in raw.items():
             ident = _text(k)
-            entry = _parse(ident, v)
-            if entry is not None:
-                fresh[ident] = entry
+            fresh[ident] = _parse(ident, v)
         for ident in fresh.keys() - self.entries.keys():
             dropped = self.store.purge_local(ident)
             log.warning("identity %s is revoked (generation %d, via %s; %d cached token(s) dropped)",

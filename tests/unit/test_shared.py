@@ -294,3 +294,13 @@ def test_rediss_verifies_the_server_certificate(tmp_path: Path, monkeypatch: pyt
         server.stop()
     assert got is not None and got.value == "over-tls"
     assert refused, "a Redis certificate from another CA was accepted"
+
+
+def test_an_unreadable_revocation_entry_still_revokes() -> None:
+    from proxy.shared.revocation import _parse
+
+    for raw in (b"not json", b"{}", b'{"at": "x", "until": 1}', b"[]"):
+        entry = _parse("spiffe://t/app", raw)
+        assert entry.identity == "spiffe://t/app" and entry.until > time.time(), raw
+    good = _parse("spiffe://t/app", b'{"reason": "leak", "at": 1.0, "until": 2.0}')
+    assert (good.reason, good.at, good.until) == ("leak", 1.0, 2.0)
