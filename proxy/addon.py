@@ -87,12 +87,18 @@ def point_at(flow: http.HTTPFlow, dest: Target, transparent: bool) -> None:
     """
     req = flow.request
     if not transparent:
-        req.host = dest.host
-        if not flow.server_conn.connected:
+        # Each setter rewrites the head (mitmproxy re-renders Host and :authority): only when
+        # the spelling differs; the Host header is made canonical below either way.
+        if req.host != dest.host:
+            req.host = dest.host
+        if not flow.server_conn.connected and flow.server_conn.sni != dest.host:
             # A tunnel's upstream TLS would otherwise get the client's SNI spelling.
             flow.server_conn.sni = dest.host
-    if req.host_header is not None:
-        req.host_header = dest.host_header(req.scheme)
+    host_header = req.host_header
+    if host_header is not None:
+        canonical = dest.host_header(req.scheme)
+        if host_header != canonical:
+            req.host_header = canonical
 
 
 def _upstream(req: http.Request) -> Callable[[str, int], None]:

@@ -31,7 +31,6 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 from cryptography import x509
@@ -108,7 +107,8 @@ class Exchange:
     source: Source
     decision_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     started: float = field(default_factory=time.perf_counter)
-    time: str = field(default_factory=lambda: _now_iso())
+    # When the request arrived, in Unix milliseconds: context.time and the record's time.
+    time_ms: int = field(default_factory=lambda: time.time_ns() // 1_000_000)
     identity: Identity = ANONYMOUS
     request: RequestRecord = field(default_factory=lambda: RequestRecord(None, "", None, None, None))
     decision: Decision | None = None
@@ -134,6 +134,11 @@ class Exchange:
     # for that inspection.
     found: tuple[Finding, ...] = ()
     inspect_body: bool = False
+
+    @property
+    def time(self) -> str:
+        """``time_ms`` as RFC 3339 UTC with milliseconds (``2026-12-01T10:00:00.123Z``)."""
+        return iso_ms(self.time_ms)
 
     @property
     def refused(self) -> bool:
@@ -464,7 +469,7 @@ class Pipeline:
             source=ex.source, identity=ex.identity, method=method, scheme=scheme, host=host, port=port,
             path=path.split("?", 1)[0], query=query, headers=headers,
             secret_headers=self._secret_headers, secret_params=self._secret_params,
-            time=ex.time, mode=self.mode, time_ns=_time_ns(ex.time),
+            time=ex.time, mode=self.mode, time_ns=ex.time_ms * 1_000_000,
             posture=self.posture(ex.identity.id) if self.posture is not None else None,
             destination=destination,
         )
@@ -515,10 +520,12 @@ def _with_upstream(r: RequestRecord, upstream: str) -> RequestRecord:
     return dataclasses.replace(r, upstream=upstream)
 
 
-def _time_ns(iso: str) -> int:
-    """``context.time`` (millisecond precision) as Unix nanoseconds."""
-    return round(datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp() * 1000) * 1_000_000
+_second: list[Any] = [None, ""]  # the last second formatted, and its text (strftime is slow)
 
 
-def _now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+def iso_ms(ms: int) -> str:
+    """Unix milliseconds as RFC 3339 UTC, e.g. ``2026-12-01T10:00:00.123Z``."""
+    sec = ms // 1000
+    if _second[0] != sec:
+        _second[:] = [sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))]
+    return f"{_second[1]}.{ms % 1000:03d}Z"

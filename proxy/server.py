@@ -178,6 +178,9 @@ async def serve(prep: Prepared, *, reuse_port: bool = False) -> int:
                 except OSError as e:  # only `keyless env` with port 0 needs it: not worth failing for
                     log.warning("cannot record the bound port in %s (%s)", config.tls.ca_dir, e.strerror)
             ready.set()
+            # mitmproxy dispatches every hook of every request to every addon in its chain (a
+            # few microseconds each): this one has done its only job.
+            asyncio.get_running_loop().call_soon(master.addons.remove, self)
 
     # A deliberately short addon list: no onboarding app, no scripts, no replay, nothing that
     # could answer or rewrite a request behind Keyless's back.

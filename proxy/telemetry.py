@@ -61,6 +61,16 @@ class Telemetry:
                                      ("location", "detector", "action"), registry=r)
         self.reloads = Counter("keyless_sighup_reloads", "SIGHUP reloads by result", ("result",), registry=r)
         self._state: dict[str, str | None] = {}
+        # Labelled children by (metric, labels): ``labels()`` validates and locks on every call,
+        # a few microseconds each on the request path. Label values are bounded (see each metric).
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def add_collector(self, collect: Callable[[], Iterable[Metric]]) -> None:
         self.registry.register(_Collector(collect))
@@ -68,14 +78,14 @@ class Telemetry:
     # --- the request path -----------------------------------------------------------------------
 
     def decided(self, result: str, cached: bool, seconds: float) -> None:
-        self.decisions.labels(result, "true" if cached else "false").inc()
+        self._child(self.decisions, result, "true" if cached else "false").inc()
         self.decision_seconds.observe(seconds)
 
     def shadowed(self, revision: str, allow: bool, error: str | None) -> None:
         self.shadow.labels(revision, "error" if error else "would_allow" if allow else "would_deny").inc()
 
     def credential(self, name: str, seconds: float, ok: bool) -> None:
-        self.credential_seconds.labels(name).observe(seconds)
+        self._child(self.credential_seconds, name).observe(seconds)
         if not ok:
             self.credential_failures.labels(name).inc()
 
@@ -84,7 +94,7 @@ class Telemetry:
         out = event.outcome
         code = out.error
         outcome = "forwarded" if code is None else "failed" if code == "connection_failed" else "refused"
-        self.requests.labels(outcome, code or "").inc()
+        self._child(self.requests, outcome, code or "").inc()
         for f in event.found:
             # Bounded labels: the location's kind (header, query, cookie, body), a plugin name.
             self.secrets_found.labels(f.kind, f.detector, "stripped" if f.stripped else "forwarded").inc()

@@ -81,7 +81,11 @@ class StaticCredential:
         self.options = options
         self._value = ""
         self._stamp: tuple[int, int, int] | None = None
+        # The header value and the Grant describing it, for the current secret: the same on every
+        # request until the secret changes, and its fingerprint and forms cost more than the stat.
+        self._granted: tuple[str, str, Grant] | None = None
         self._store = SecretsManagerSource(options.store) if options.store is not None else None
+        self._file = str(options.file) if options.file is not None else ""
         try:
             self._load()
         except (SecretError, SecretStoreError) as e:
@@ -118,7 +122,7 @@ class StaticCredential:
         if o.file is not None:
             # A stat per request (about a microsecond) buys rotation without a restart.
             try:
-                st = o.file.stat()
+                st = os.stat(self._file)
             except OSError:
                 raise KeylessError("credential_unavailable", "secret file is missing",
                                    f"static({self.name})") from None
@@ -139,6 +143,10 @@ class StaticCredential:
         if self._store is not None and self._store.due():
             self._store.refresh_in_background(self._stored)
         value = self._current()
-        header = request.headers[self.options.header] = render(self.options.template, value)
-        return Grant(self.name, self.type, None, fingerprint(value),
-                     header_forms(header, value))
+        granted = self._granted
+        if granted is None or granted[0] is not value:
+            header = render(self.options.template, value)
+            granted = self._granted = (value, header, Grant(self.name, self.type, None, fingerprint(value),
+                                                            header_forms(header, value)))
+        request.headers[self.options.header] = granted[1]
+        return granted[2]

@@ -138,7 +138,7 @@ class CachingEngine:
         hit = self._lookup(input_doc, now)
         if hit is not None:
             self.hits += 1
-            return replace(hit, cached=True)
+            return hit
         self.misses += 1
         asked_under = self._revision
         decision = await self.inner.decide(input_doc)
@@ -164,7 +164,8 @@ class CachingEngine:
                 return decision
             if len(self._entries) >= self.max_entries:
                 self._evict()
-            self._entries[key] = (now + decision.cache_ttl, decision)
+            # Stored as it is served (cached=True): one copy per entry, not one per hit.
+            self._entries[key] = (now + decision.cache_ttl, replace(decision, cached=True))
         return decision
 
     def _check_revision(self, revision: str) -> None:

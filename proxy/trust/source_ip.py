@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from proxy.confread import Section
 from proxy.model import Attestation
 from proxy.trust import Caller
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+_SEEN_MAX = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +49,9 @@ class SourceIpProvider:
     def __init__(self, name: str, options: SourceIpOptions) -> None:
         self.name = name
         self.options = options
+        # Per source address, its attestation (None: no workload matches). A pure function of
+        # the address and the frozen options, asked on every request: memoised, bounded.
+        self._seen: dict[str, Attestation | None] = {}
 
     def match(self, address: str) -> tuple[Network, str] | None:
         try:
@@ -61,8 +66,15 @@ class SourceIpProvider:
         return None
 
     async def attest(self, caller: Caller) -> Attestation | None:
-        found = self.match(caller.address)
-        if found is None:
-            return None
-        net, wid = found
-        return Attestation(self.name, self.type, wid, {"address": caller.address, "cidr": str(net)})
+        address = caller.address
+        try:
+            return self._seen[address]
+        except KeyError:
+            pass
+        found = self.match(address)
+        att = None if found is None else Attestation(
+            self.name, self.type, found[1], MappingProxyType({"address": address, "cidr": str(found[0])}))
+        if len(self._seen) >= _SEEN_MAX:
+            self._seen.clear()
+        self._seen[address] = att
+        return att
