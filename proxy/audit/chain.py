@@ -59,10 +59,12 @@ def canonical(body: dict[str, Any]) -> str:
     return canonical_bytes(body).decode()
 
 
-def canonical_bytes(body: dict[str, Any]) -> bytes:
-    """``canonical(body)`` as the UTF-8 bytes that are hashed and written."""
+def canonical_bytes(body: dict[str, Any], plain: frozenset[str] = frozenset()) -> bytes:
+    """``canonical(body)`` as the UTF-8 bytes that are hashed and written. ``plain``: members
+    of ``body`` its writer knows to hold only what ``_prep`` passes unchanged (strings, safe
+    integers, booleans, null, ASCII keys): they are not walked."""
     try:
-        return orjson.dumps(_prep(body), option=orjson.OPT_SORT_KEYS)
+        return orjson.dumps(_prep_members(body, plain) if plain else _prep(body), option=orjson.OPT_SORT_KEYS)
     except (_NotPlain, orjson.JSONEncodeError):  # a lone surrogate: RFC 8785 escapes it, orjson cannot
         pass
     try:
@@ -113,6 +115,16 @@ def _prep(value: Any) -> Any:
                 copy = dict(value) if t is dict else list(value)
             copy[k] = p
     return value if copy is None else copy
+
+
+def _prep_members(body: dict[str, Any], plain: frozenset[str]) -> dict[str, Any]:
+    rest = {k: v for k, v in body.items() if k not in plain}
+    prepared = _prep(rest)
+    if prepared is rest:
+        return body
+    out = dict(body)
+    out.update(prepared)
+    return out
 
 
 def _scalar(value: Any) -> Any:
@@ -271,7 +283,7 @@ class Chain:
         self.seq = 0
         self.head = ""
 
-    def seal(self, record: dict[str, Any]) -> str:
+    def seal(self, record: dict[str, Any], plain: frozenset[str] = frozenset()) -> str:
         """Set ``chain``, ``seq``, ``prev`` and ``hash`` on ``record``; return its line (no newline).
 
         The line is the canonical text the hash covers, with ``hash`` appended as the last
@@ -282,7 +294,7 @@ class Chain:
         record["seq"] = self.seq
         record["prev"] = self.head
         record.pop("hash", None)
-        data = canonical_bytes(record)
+        data = canonical_bytes(record, plain)
         record["hash"] = self.head = hashlib.sha256(data).hexdigest()
         return f'{data[:-1].decode()},"hash":"{self.head}"}}'
 

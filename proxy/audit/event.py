@@ -160,6 +160,14 @@ class AuditEvent:
         return record
 
 
+# Members of ``AuditEvent.as_record()`` built only from Keyless's own typed values: strings,
+# ports and statuses, booleans, null, literal ASCII keys. The hash chain need not check them for
+# what RFC 8785 writes differently (proxy.audit.chain._prep); a test checks the claim on a fully
+# populated event. Everything else (identity facts, the input, floats) is checked.
+PLAIN_MEMBERS = frozenset({"decision_id", "time", "source", "request", "decision", "policy_revision", "stripped",
+                           "outcome", "bundles", "erased", "masked", "chain", "seq", "prev"})
+
+
 def result(d: Decision) -> dict[str, Any]:
     """The policy's decision object as the policy returned it (only the keys Keyless reads)."""
     out: dict[str, Any] = {"allow": d.allow}

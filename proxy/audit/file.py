@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy.audit.chain import Chain, NoteKey
-from proxy.audit.event import AuditEvent
+from proxy.audit.event import PLAIN_MEMBERS, AuditEvent
 
 log = logging.getLogger("keyless.audit")
 
@@ -83,7 +83,7 @@ class FileSink:
     # --- the sink interface ---------------------------------------------------------------------
 
     def emit(self, event: AuditEvent) -> None:
-        self.append(event.as_record())
+        self.append(event.as_record(), PLAIN_MEMBERS)
 
     def start(self, meta: dict[str, Any]) -> None:
         """The chain's first record: who writes it and how it fails (``audit.on_failure`` is
@@ -138,10 +138,10 @@ class FileSink:
 
     # --- writing --------------------------------------------------------------------------------
 
-    def append(self, record: dict[str, Any]) -> None:
+    def append(self, record: dict[str, Any], plain: frozenset[str] = frozenset()) -> None:
         if self._spool or self._dropped_pending:
             self._drain_spool()
-        if self._spool or not self._write(record):
+        if self._spool or not self._write(record, plain):
             self._to_spool(record)
             return
         self._after_write()
@@ -207,10 +207,10 @@ class FileSink:
             self._spool.popleft()
             self._after_write()
 
-    def _write(self, record: dict[str, Any]) -> bool:
+    def _write(self, record: dict[str, Any], plain: frozenset[str] = frozenset()) -> bool:
         """Seal ``record`` into the chain and write it; on failure undo the seal. True on success."""
         saved = (self.chain.seq, self.chain.head)
-        if self._write_line(self.chain.seal(record)):
+        if self._write_line(self.chain.seal(record, plain)):
             return True
         self.chain.seq, self.chain.head = saved
         return False

@@ -287,3 +287,32 @@ def test_dependency_failure_and_recovery_are_logged_once(caplog: pytest.LogCaptu
             t.health("policy engine", None)
     assert [r.getMessage() for r in caplog.records] == [
         "policy engine is failing: opa_unreachable: connection refused", "policy engine recovered"]
+
+
+def test_plain_members_need_no_check() -> None:
+    """What AuditEvent.as_record() puts in PLAIN_MEMBERS passes _prep unchanged, fully populated
+    (every optional part of the request, decision and outcome set), so skipping the walk over
+    them writes the same canonical bytes."""
+    from proxy.audit.chain import _prep, canonical_bytes
+    from proxy.audit.event import PLAIN_MEMBERS, AuditEvent, Outcome, RequestRecord
+    from proxy.model import Attestation, Decision, Grant, Identity, Source
+
+    identity = Identity("spiffe://t/app", (Attestation("ci", "jwt", "spiffe://t/app", {"exp": 1.5e9}),))
+    request = RequestRecord("GET", "https", "api.example", 443, "/v1/x",
+                            destination={"address": "10.0.0.1", "port": 443},
+                            upstream="https://api.example:8443", upstream_address="10.0.0.1:8443", self_check=True)
+    event = AuditEvent(
+        decision_id="d", time="2026-12-01T08:00:00.000Z", source=Source("127.0.0.1", 50312), identity=identity,
+        request=request, decision=Decision(True, "ok", "key", revision="r1", engine_decision_id="e1", cached=True),
+        policy="data.p", engine_revision="r0", grant=Grant("key", "static", 1.8e9, "hmac-sha256:00"),
+        outcome=Outcome(503, "policy_unavailable", "m", "opa_timeout", "e2"), latency_ms=3.0,
+        stripped=("authorization",), erased=("/input/request/query",), masked=("/input/request/headers",),
+        bundles={"keyless": {"revision": "r1"}}, labels={"zone": "eu"})
+    record = event.as_record()
+    record.update(chain="c", seq=7, prev="")
+    assert set(record) >= PLAIN_MEMBERS
+    plain = {k: record[k] for k in PLAIN_MEMBERS}
+    assert _prep(plain) is plain
+    assert canonical_bytes(record, PLAIN_MEMBERS) == canonical_bytes(record)
+    # The other members are still walked: the integral float is written as RFC 8785 writes it.
+    assert b'"exp":1500000000}' in canonical_bytes(record, PLAIN_MEMBERS)
