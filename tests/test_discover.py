@@ -63,6 +63,25 @@ def test_header_query_cookie_and_body_findings(d: Discovery) -> None:
     ]
 
 
+def test_a_repeated_request_gets_the_findings_of_a_first_scan(d: Discovery) -> None:
+    """The scan memo answers a header set seen before as a fresh scan would, whatever came in
+    between; a value seen beside other values is scanned again (patterns anchor on the joined
+    text, so a value's findings can depend on its neighbours)."""
+    sequence = [
+        {"User-Agent": "sdk/1.0", "X-Custom": f"prefix {GH}"},
+        {"User-Agent": "sdk/1.0", "X-Custom": f"prefix {GH}"},
+        {"X-Artifactory": "AKCp8abcdefghijkl"},
+        {"User-Agent": "curl/8.4.0 something", "X-Artifactory": "AKCp8abcdefghijkl"},
+        {"User-Agent": "sdk/1.0", "X-Artifactory": "AKCp8abcdefghijkl"},
+        {"X-Artifactory": "AKCp8abcdefghijkl"},
+        {"User-Agent": "sdk/1.0", "X-Custom": f"prefix {GH}"},
+    ]
+    for headers in sequence:
+        fresh = Discovery(DiscoveryConfig(), StripConfig())
+        assert d.inspect(req("/x", headers)) == fresh.inspect(req("/x", headers)), headers
+    assert d._memo, "the memo was never used"
+
+
 def test_fingerprint_is_keyed_over_the_secret_not_the_header(d: Discovery) -> None:
     a = d.inspect(req("/", {"Authorization": f"token {GH}"}))
     b = d.inspect(req("/", {"Authorization": f"Bearer {GH}"}))

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from proxy.audit.decisionlog import DecisionLogSink, parse_decision_log
-from proxy.audit.event import AuditEvent
+from proxy.audit.event import PLAIN_MEMBERS, AuditEvent
 from proxy.audit.file import FileOptions, FileSink
 from proxy.confread import Section
 from proxy.plugins import PluginSpec
@@ -53,7 +53,7 @@ class AuditTrail:
     def emit(self, event: AuditEvent) -> None:
         # One as_record() for every sink: each gets its own copy to seal or convert.
         for sink in self.durable:
-            sink.append(event.as_record())
+            sink.append(event.as_record(), PLAIN_MEMBERS)
         for other in self.others:
             other.emit(event)
 

@@ -65,11 +65,11 @@ def canonical_bytes(body: dict[str, Any], plain: frozenset[str] = frozenset()) -
     integers, booleans, null, ASCII keys): they are not walked."""
     try:
         return orjson.dumps(_prep_members(body, plain) if plain else _prep(body), option=orjson.OPT_SORT_KEYS)
-    except (_NotPlain, orjson.JSONEncodeError):  # a lone surrogate: RFC 8785 escapes it, orjson cannot
+    except (_NotPlain, orjson.JSONEncodeError):  # orjson refuses a lone surrogate
         pass
     try:
         return rfc8785.dumps(body)
-    except (rfc8785.CanonicalizationError, TypeError):
+    except (rfc8785.CanonicalizationError, TypeError, UnicodeError):
         return rfc8785.dumps(_normal(json.loads(json.dumps(body, default=str))))
 
 
@@ -147,8 +147,12 @@ def _scalar(value: Any) -> Any:
 
 
 def _normal(value: Any) -> Any:
+    if isinstance(value, str):
+        # A lone surrogate (mitmproxy decodes a non-UTF-8 request target with surrogateescape)
+        # has no UTF-8 form and RFC 8785 refuses it: written as its escape, ``\udcff``, as text.
+        return value.encode("utf-8", "backslashreplace").decode() if not value.isascii() else value
     if isinstance(value, dict):
-        return {k: _normal(v) for k, v in value.items()}
+        return {_normal(k): _normal(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_normal(v) for v in value]
     if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 2**53 - 1:

@@ -20,8 +20,6 @@ Each finding carries a keyed fingerprint (``proxy.model.fingerprint``), never th
 
 from __future__ import annotations
 
-import bisect
-import itertools
 import json
 import re
 from collections.abc import Iterator, Sequence
@@ -41,9 +39,10 @@ KEYWORD = "KeywordDetector"
 _MIN_VALUE = 8
 # Header names, parameter names and JSON paths are the app's: bounded in the record.
 _MAX_NAME = 100
-# The per-value memo of scan results: values up to this long, this many at most (then emptied).
-_MEMO_VALUE = 1024
-_MEMO_ENTRIES = 4096
+# The memo of scan results: lists of values up to this many characters, this many lists at most
+# (then emptied): a few MiB at worst.
+_MEMO_CHARS = 2048
+_MEMO_ENTRIES = 1024
 _MAX_FINDINGS = 32
 # ``Bearer x``, ``token x``, ``Basic x``: the scheme is not part of the secret.
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9._-]*\s+(?=\S)")
@@ -88,8 +87,8 @@ class Discovery:
         self._secret_name = re.compile("|".join(DENYLIST))
         self._keyword = classes[KEYWORD]() if config.keywords or KEYWORD in config.detectors else None
         self._h = heuristic
-        # Per value scanned, its matches (see _scan): bounded in entries and value length.
-        self._memo: dict[str, list[tuple[int, int, str, str]]] = {}
+        # Lists of values scanned, and what the scan found (see _scan): bounded.
+        self._memo: dict[tuple[str, ...], list[tuple[str, str]]] = {}
 
     # --- the request path ------------------------------------------------------------------------
 
@@ -179,50 +178,35 @@ class Discovery:
 
     # --- the parts -------------------------------------------------------------------------------
 
-    def _scan(self, values: Sequence[str]) -> Iterator[tuple[str, str]]:
-        """Every detector's matches in ``values``, in detector order, then value order.
+    def _scan(self, values: Sequence[str]) -> list[tuple[str, str]]:
+        """Every detector's matches in ``values``. A client sends the same header values on
+        request after request (a fixed user-agent, accept, content-type): a list of values seen
+        before gets the answer it got then (``_memo``: the scan is a pure function of the list).
+        Not per value: some patterns anchor on the start or end of the joined text."""
+        key = tuple(values)
+        found = self._memo.get(key)
+        if found is None:
+            found = list(self._scan_all(values))
+            if sum(map(len, values)) <= _MEMO_CHARS:
+                if len(self._memo) >= _MEMO_ENTRIES:
+                    self._memo.clear()
+                self._memo[key] = found
+        return found
 
-        Header values repeat from request to request (user-agent, accept, content-type): each
-        value's matches are remembered (``_memo``), and only values not seen before are scanned."""
-        memo = self._memo
-        misses = [v for v in dict.fromkeys(values) if v not in memo]
-        if misses:
-            fresh = self._scan_values(misses)
-            if len(memo) + len(misses) > _MEMO_ENTRIES:
-                memo.clear()
-            for v, found in zip(misses, fresh, strict=True):
-                if len(v) <= _MEMO_VALUE:
-                    memo[v] = found
-        else:
-            fresh = []
-        by_value = dict(zip(misses, fresh, strict=True))
-        entries = sorted((order, i, pos, name, secret) for i, v in enumerate(values)
-                         for order, pos, name, secret in (by_value[v] if v in by_value else memo[v]))
+    def _scan_all(self, values: Sequence[str]) -> Iterator[tuple[str, str]]:
+        """Every detector over all values at once, joined by newlines: one pass per pattern
+        instead of one per pattern and value (a JSON body has hundreds). No detect-secrets
+        pattern matches across a newline, so a match lies within one value; the caller finds
+        which by containment, and drops a match that lies in none."""
+        if not values:
+            return
+        text = "\n".join(values)
         h = self._h
-        for _, _, _, name, secret in entries:
+        found = [(name, _secret(m)) for name, rx in self._patterns for m in rx.finditer(text)]
+        found += [(name, secret) for name, plugin in self._others for secret in _other(plugin, values)]
+        for name, secret in found:
             if secret and not h.is_sequential_string(secret) and not h.is_templated_secret(secret):
                 yield name, secret
-
-    def _scan_values(self, values: list[str]) -> list[list[tuple[int, int, str, str]]]:
-        """Each value's matches as (detector order, offset, detector, secret). All values are
-        scanned at once, joined by newlines: one pass per pattern instead of one per pattern and
-        value (a JSON body has hundreds). No detect-secrets pattern matches across a newline, so
-        a match lies within one value, found by its offset; a non-regex detector's secret goes to
-        the first value that contains it, and one that lies in none is dropped."""
-        text = "\n".join(values)
-        starts = list(itertools.accumulate((len(v) + 1 for v in values[:-1]), initial=0))
-        out: list[list[tuple[int, int, str, str]]] = [[] for _ in values]
-        for order, (name, rx) in enumerate(self._patterns):
-            for m in rx.finditer(text):
-                i = bisect.bisect_right(starts, m.start()) - 1
-                out[i].append((order, m.start() - starts[i], name, _secret(m)))
-        for k, (name, plugin) in enumerate(self._others, start=len(self._patterns)):
-            for secret in _other(plugin, values):
-                for i, v in enumerate(values):
-                    if secret in v:
-                        out[i].append((k, v.find(secret), name, secret))
-                        break
-        return out
 
     def _keywords(self, name: str, value: str) -> Iterator[tuple[str, str]]:
         """detect-secrets' keyword detector on ``name = "value"`` (the shape it reads), through

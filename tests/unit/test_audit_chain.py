@@ -204,6 +204,7 @@ def test_fast_canonical_form_is_rfc8785() -> None:
     """The orjson fast path writes byte for byte what the rfc8785 package writes."""
     import random
 
+    import orjson
     import rfc8785
 
     from proxy.audit.chain import _NotPlain, _prep, canonical_bytes
@@ -230,7 +231,9 @@ def test_fast_canonical_form_is_rfc8785() -> None:
         except _NotPlain:
             continue
         fast += 1
-        assert prepared is not None and canonical_bytes(v) == rfc8785.dumps(v)
+        # What canonical_bytes writes on its fast path, compared without its fallback.
+        assert orjson.dumps(prepared, option=orjson.OPT_SORT_KEYS) == rfc8785.dumps(v)
+        assert canonical_bytes(v) == rfc8785.dumps(v)
     assert fast > 1500
     assert record_hash({"a": 1e-7}) == record_hash({"a": 1e-7, "hash": "x"})  # the rfc8785 path
 
@@ -316,3 +319,15 @@ def test_plain_members_need_no_check() -> None:
     assert canonical_bytes(record, PLAIN_MEMBERS) == canonical_bytes(record)
     # The other members are still walked: the integral float is written as RFC 8785 writes it.
     assert b'"exp":1500000000}' in canonical_bytes(record, PLAIN_MEMBERS)
+
+
+def test_a_lone_surrogate_is_written_as_its_escape(tmp_path: Path) -> None:
+    """mitmproxy decodes a non-UTF-8 request target with surrogateescape: the record must still
+    be written (RFC 8785 and UTF-8 have no form for a lone surrogate), and verify."""
+    path = tmp_path / "s.log"
+    sink = FileSink(str(path), FileOptions(str(path)), key())
+    sink.append({"request": {"path": "/a\udcffb", "\udc80": 1}})
+    [line] = path.read_text().splitlines()
+    record = json.loads(line)
+    assert record["request"] == {"path": "/a\\udcffb", "\\udc80": 1}
+    assert record_hash(record) == record["hash"]
