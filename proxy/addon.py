@@ -86,10 +86,12 @@ def point_at(flow: http.HTTPFlow, dest: Target, transparent: bool) -> None:
     mode the dialled address is the kernel's and stays.
     """
     req = flow.request
+    # Each setter re-renders the head; over HTTP/1 the Host header is all there is to compare,
+    # so it is rewritten only when its spelling differs. HTTP/2 and HTTP/3 may carry a Host
+    # header beside :authority: always rewritten, both.
+    multiplexed = req.is_http2 or req.is_http3
     if not transparent:
-        # Each setter rewrites the head (mitmproxy re-renders Host and :authority): only when
-        # the spelling differs; the Host header is made canonical below either way.
-        if req.host != dest.host:
+        if multiplexed or req.host != dest.host:
             req.host = dest.host
         if not flow.server_conn.connected and flow.server_conn.sni != dest.host:
             # A tunnel's upstream TLS would otherwise get the client's SNI spelling.
@@ -97,7 +99,7 @@ def point_at(flow: http.HTTPFlow, dest: Target, transparent: bool) -> None:
     host_header = req.host_header
     if host_header is not None:
         canonical = dest.host_header(req.scheme)
-        if host_header != canonical:
+        if multiplexed or host_header != canonical:
             req.host_header = canonical
 
 
