@@ -10,6 +10,7 @@ This is where the profile's per-request costs come from in docs/benchmarks.md; t
 harness (bench/run.py) shows what they add up to.
 
     .venv/bin/python bench/hotpath.py [--n 3000] [--json]
+    .venv/bin/python bench/hotpath.py --hooks    # the addon's four hooks, one whole request
 """
 
 from __future__ import annotations
@@ -124,6 +125,51 @@ async def measure(n: int, batches: int, jwt: bool, cache: bool = True, shadow: b
     return out
 
 
+def measure_hooks(n: int, rounds: int, discovery: bool = True) -> float:
+    """The addon's four hooks for one cached GET (requestheaders, request, responseheaders,
+    response: decision, strip, inject, response scan, audit record), in CPU microseconds per
+    request: the fastest of ``rounds`` batches of ``n``, flows built before the clock starts."""
+    import gc
+
+    from mitmproxy import http
+    from mitmproxy.test import tflow
+
+    from proxy.addon import KeylessAddon
+
+    addon = KeylessAddon(build(Path(tempfile.mkdtemp(prefix="keyless-hooks-")), True, False, discovery))
+    client, server = tflow.tflow().client_conn, tflow.tflow().server_conn
+    client.timestamp_tls_setup, client.sni, client.peername = None, None, ("127.0.0.1", 50000)
+    server.peername = ("127.0.0.1", 9000)
+    answer = http.Response.make(200, b'{"ok":true}', {"content-type": "application/json", "content-length": "11"})
+
+    def flow() -> http.HTTPFlow:
+        f = tflow.tflow()
+        f.client_conn, f.server_conn = client, server
+        f.request = http.Request.make("GET", "http://127.0.0.1:9000/v1/bench", b"",
+                                      {"Host": "127.0.0.1:9000", "User-Agent": "keyless-bench", "Accept": "*/*"})
+        return f
+
+    async def batch(count: int) -> float:
+        flows = [(flow(), answer.copy()) for _ in range(count)]
+        gc.collect()
+        gc.disable()
+        t = time.process_time()
+        for f, r in flows:
+            await addon.requestheaders(f)
+            await addon.request(f)
+            f.response = r
+            await addon.responseheaders(f)
+            await addon.response(f)
+        spent = time.process_time() - t
+        gc.enable()
+        if flows[-1][0].response is None or flows[-1][0].response.status_code != 200:
+            raise SystemExit("the benchmark request was refused: fix the bench config")
+        return spent / count * 1e6
+
+    asyncio.run(batch(200))
+    return round(min(asyncio.run(batch(n)) for _ in range(rounds)), 1)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=3000)
@@ -133,7 +179,13 @@ def main() -> int:
                    help="the default policy without cache_ttl: Rego runs every time")
     p.add_argument("--no-discovery", action="store_true", help="discovery.enabled: false (bench/discovery.py)")
     p.add_argument("--shadow", action="store_true", help="policy.shadow naming the same policy (bench/shadow.py)")
+    p.add_argument("--hooks", action="store_true",
+                   help="instead: the addon's hooks for a whole cached request, in process (CPU us, best batch)")
     args = p.parse_args()
+    if args.hooks:
+        us = measure_hooks(max(1, args.n // args.batches), 3 * args.batches, not args.no_discovery)
+        print(json.dumps({"hooks_us": us}) if args.json else f"addon hooks per cached request: {us} us (CPU)")
+        return 0
     results = {name: asyncio.run(measure(args.n, args.batches, jwt, not args.no_cache, args.shadow,
                                          not args.no_discovery))
                for name, jwt in
