@@ -137,24 +137,28 @@ class KeylessHttpStream(mhttp.HttpStream):
     _body_seen = 0
 
     def handle_event(self, event: events.Event) -> Commands:
+        # Every event of every request passes through here: exact type tests (none of these
+        # classes has a subclass) and one attribute lookup per command keep it cheap.
         flow: http.HTTPFlow | None = getattr(self, "flow", None)
         if flow is not None:
             # Record the cause before the stream handles it: the error hook reads it.
-            if isinstance(event, mhttp.GetHttpConnectionCompleted) and event.reply[1]:
+            if type(event) is mhttp.GetHttpConnectionCompleted and event.reply[1]:
                 flow.metadata[WIRE] = WireError("CONNECT_FAILED", str(event.reply[1]))
-            elif isinstance(event, (RequestProtocolError, ResponseProtocolError)):
+            elif type(event) is RequestProtocolError or type(event) is ResponseProtocolError:
                 flow.metadata.setdefault(WIRE, WireError(event.code.name, event.message))
+        client = self.context.client
         for command in super().handle_event(event):
-            if isinstance(command, HttpErrorHook) and WIRE not in command.flow.metadata:
+            if type(command) is mhttp.SendHttp:
+                if command.connection is client:
+                    ev = command.event
+                    if type(ev) is ResponseHeaders and ev.response.status_code >= 200:
+                        self.flow.metadata[SENT] = True
+                    elif (type(ev) is ResponseProtocolError and not self.flow.metadata.get(SENT)
+                          and ev.code.http_status_code() is not None):
+                        yield from self._answer_error(ev)
+                        continue
+            elif type(command) is HttpErrorHook and WIRE not in command.flow.metadata:
                 command.flow.metadata[WIRE] = _unreported(command.flow)
-            elif isinstance(command, mhttp.SendHttp) and command.connection is self.context.client:
-                ev = command.event
-                if isinstance(ev, ResponseHeaders) and ev.response.status_code >= 200:
-                    self.flow.metadata[SENT] = True
-                elif (isinstance(ev, ResponseProtocolError) and not self.flow.metadata.get(SENT)
-                      and ev.code.http_status_code() is not None):
-                    yield from self._answer_error(ev)
-                    continue
             yield command
 
     # -- error pages -> JSON -----------------------------------------------------------------

@@ -30,7 +30,7 @@ import asyncio
 import dataclasses
 import logging
 import weakref
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Coroutine, Generator
 from typing import TYPE_CHECKING, Any
 
 from proxy.errors import KeylessError
@@ -277,10 +277,17 @@ class _Watch:
         self.rearm()
 
     def rearm(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
         d = self.clock.deadline()
-        self.timer = None if d is None or self.fired else self.loop.call_at(d[0], self.fire)
+        if d is None or self.fired:
+            self.stop()
+            return
+        if self.timer is not None:
+            if self.timer.when() <= d[0]:
+                # Activity mostly moves the deadline later: the armed timer fires first, finds
+                # the deadline not reached and re-arms (fire). No new timer per request.
+                return
+            self.timer.cancel()
+        self.timer = self.loop.call_at(d[0], self.fire)
 
     def stop(self) -> None:
         if self.timer is not None:
@@ -384,19 +391,21 @@ def _patch_connections() -> None:
             _STATE.connections -= 1
             watch.stop()
 
-    async def watched_server_event(self: Any, event: Any) -> None:
+    # Plain functions that return mitmproxy's coroutine: every event of every connection goes
+    # through them, and an async wrapper would add a coroutine of its own to each.
+    def watched_server_event(self: Any, event: Any) -> Coroutine[Any, Any, None]:
         watch: _Watch | None = getattr(self, "_keyless_watch", None)
-        if watch is not None and isinstance(event, events.DataReceived) and event.connection is self.client:
+        if watch is not None and type(event) is events.DataReceived and event.connection is self.client:
             watch.client_bytes()
-        await server_event(self, event)
+        return server_event(self, event)
 
-    async def watched_handle_hook(self: Any, hook: Any) -> None:
+    def watched_handle_hook(self: Any, hook: Any) -> Coroutine[Any, Any, None]:
         watch: _Watch | None = getattr(self, "_keyless_watch", None)
         if watch is not None:
             args = hook.args()
             if len(args) == 1:
                 watch.hook(hook.name, args[0])
-        await handle_hook(self, hook)
+        return handle_hook(self, hook)
 
     async def closing_handle_connection(self: Any, connection: Any) -> None:
         try:
