@@ -29,6 +29,7 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,10 +60,16 @@ def canonical(body: dict[str, Any]) -> str:
     return canonical_bytes(body).decode()
 
 
-def canonical_bytes(body: dict[str, Any], plain: frozenset[str] = frozenset()) -> bytes:
-    """``canonical(body)`` as the UTF-8 bytes that are hashed and written. ``plain``: members
-    of ``body`` its writer knows to hold only what ``_prep`` passes unchanged (strings, safe
-    integers, booleans, null, ASCII keys): they are not walked."""
+# Which members of a record hold only what ``_prep`` passes unchanged (strings, safe integers,
+# booleans, null, ASCII keys), as its writer knows from how it built them: a member mapped to
+# None is not walked, one mapped to a Plain is walked only outside what that names.
+Plain = Mapping[str, "Plain | None"]
+NOTHING_PLAIN: Plain = {}
+
+
+def canonical_bytes(body: dict[str, Any], plain: Plain = NOTHING_PLAIN) -> bytes:
+    """``canonical(body)`` as the UTF-8 bytes that are hashed and written; ``plain`` (above)
+    spares the walk over what is known to need no change."""
     try:
         return orjson.dumps(_prep_members(body, plain) if plain else _prep(body), option=orjson.OPT_SORT_KEYS)
     except (_NotPlain, orjson.JSONEncodeError):  # orjson refuses a lone surrogate
@@ -117,14 +124,25 @@ def _prep(value: Any) -> Any:
     return value if copy is None else copy
 
 
-def _prep_members(body: dict[str, Any], plain: frozenset[str]) -> dict[str, Any]:
-    rest = {k: v for k, v in body.items() if k not in plain}
-    prepared = _prep(rest)
-    if prepared is rest:
-        return body
-    out = dict(body)
-    out.update(prepared)
-    return out
+def _prep_members(body: dict[str, Any], plain: Plain) -> dict[str, Any]:
+    """``_prep(body)`` where ``plain`` says which parts need no walk."""
+    copy: dict[str, Any] | None = None
+    for k, v in body.items():
+        if k in plain:
+            sub = plain[k]
+            if sub is None:
+                continue
+            p = _prep_members(v, sub) if type(v) is dict else _prep(v)
+        else:
+            if type(k) is not str or not k.isascii():
+                raise _NotPlain
+            vt = type(v)
+            p = _prep(v) if vt is dict or vt is list else _scalar(v)
+        if p is not v:
+            if copy is None:
+                copy = dict(body)
+            copy[k] = p
+    return body if copy is None else copy
 
 
 def _scalar(value: Any) -> Any:
@@ -287,7 +305,7 @@ class Chain:
         self.seq = 0
         self.head = ""
 
-    def seal(self, record: dict[str, Any], plain: frozenset[str] = frozenset()) -> str:
+    def seal(self, record: dict[str, Any], plain: Plain = NOTHING_PLAIN) -> str:
         """Set ``chain``, ``seq``, ``prev`` and ``hash`` on ``record``; return its line (no newline).
 
         The line is the canonical text the hash covers, with ``hash`` appended as the last

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from proxy.audit.chain import Plain
 from proxy.governance.finding import Finding
 from proxy.model import Decision, Grant, Identity, Source
 
@@ -160,12 +161,22 @@ class AuditEvent:
         return record
 
 
-# Members of ``AuditEvent.as_record()`` built only from Keyless's own typed values: strings,
-# ports and statuses, booleans, null, literal ASCII keys. The hash chain need not check them for
-# what RFC 8785 writes differently (proxy.audit.chain._prep); a test checks the claim on a fully
-# populated event. Everything else (identity facts, the input, floats) is checked.
-PLAIN_MEMBERS = frozenset({"decision_id", "time", "source", "request", "decision", "policy_revision", "stripped",
-                           "outcome", "bundles", "erased", "masked", "chain", "seq", "prev"})
+# What of ``AuditEvent.as_record()`` Keyless builds only from its own typed values: strings,
+# ports and statuses, booleans, null, literal ASCII keys (proxy.audit.chain.Plain). The hash
+# chain need not check these for what RFC 8785 writes differently; a test checks the claim on a
+# fully populated event. Everything else (identity facts, the query, posture, MCP arguments,
+# floats) is checked. The input's header names passed the wire rules' token check before any
+# input was built, and their values are masked.
+PLAIN_MEMBERS: Plain = {
+    "decision_id": None, "time": None, "source": None, "request": None, "decision": None,
+    "policy_revision": None, "stripped": None, "outcome": None, "bundles": None, "erased": None,
+    "masked": None, "chain": None, "seq": None, "prev": None,
+    "input": {
+        "source": None, "destination": None, "context": {"time": None, "mode": None},
+        "request": {"method": None, "scheme": None, "host": None, "port": None, "path": None,
+                    "path_template": None, "headers": None},
+    },
+}
 
 
 def result(d: Decision) -> dict[str, Any]:

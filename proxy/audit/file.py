@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from proxy.audit.chain import Chain, NoteKey
+from proxy.audit.chain import NOTHING_PLAIN, Chain, NoteKey, Plain
 from proxy.audit.event import PLAIN_MEMBERS, AuditEvent
 
 log = logging.getLogger("keyless.audit")
@@ -138,7 +138,7 @@ class FileSink:
 
     # --- writing --------------------------------------------------------------------------------
 
-    def append(self, record: dict[str, Any], plain: frozenset[str] = frozenset()) -> None:
+    def append(self, record: dict[str, Any], plain: Plain = NOTHING_PLAIN) -> None:
         if self._spool or self._dropped_pending:
             self._drain_spool()
         if self._spool or not self._write(record, plain):
@@ -207,7 +207,7 @@ class FileSink:
             self._spool.popleft()
             self._after_write()
 
-    def _write(self, record: dict[str, Any], plain: frozenset[str] = frozenset()) -> bool:
+    def _write(self, record: dict[str, Any], plain: Plain = NOTHING_PLAIN) -> bool:
         """Seal ``record`` into the chain and write it; on failure undo the seal. True on success."""
         saved = (self.chain.seq, self.chain.head)
         if self._write_line(self.chain.seal(record, plain)):

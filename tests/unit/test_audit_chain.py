@@ -293,14 +293,23 @@ def test_dependency_failure_and_recovery_are_logged_once(caplog: pytest.LogCaptu
 
 
 def test_plain_members_need_no_check() -> None:
-    """What AuditEvent.as_record() puts in PLAIN_MEMBERS passes _prep unchanged, fully populated
-    (every optional part of the request, decision and outcome set), so skipping the walk over
-    them writes the same canonical bytes."""
-    from proxy.audit.chain import _prep, canonical_bytes
+    """What PLAIN_MEMBERS names passes _prep unchanged, on a fully populated event (every
+    optional part of the request, decision, outcome and input set), so sparing the walk over it
+    writes the same canonical bytes; what it does not name is still walked."""
+    from proxy.audit.chain import Plain, _prep, canonical_bytes
     from proxy.audit.event import PLAIN_MEMBERS, AuditEvent, Outcome, RequestRecord
+    from proxy.audit.mask import mask_input
     from proxy.model import Attestation, Decision, Grant, Identity, Source
+    from proxy.policy.input import build_input
 
     identity = Identity("spiffe://t/app", (Attestation("ci", "jwt", "spiffe://t/app", {"exp": 1.5e9}),))
+    doc = build_input(source=Source("127.0.0.1", 50312), identity=identity, method="GET", scheme="https",
+                      host="api.example", port=443, path="/v1/x/42", query=[("page", "2")],
+                      headers=[("user-agent", "sdk/1"), ("x-id", "7")], secret_headers=frozenset(),
+                      secret_params=frozenset(), time="2026-12-01T08:00:00.000Z", mode="transparent",
+                      time_ns=1_796_112_000_000_000_000, posture={"stale": False, "age_seconds": 2.0},
+                      destination={"address": "10.0.0.1", "port": 443})
+    recorded, erased, masked = mask_input(doc, ())
     request = RequestRecord("GET", "https", "api.example", 443, "/v1/x",
                             destination={"address": "10.0.0.1", "port": 443},
                             upstream="https://api.example:8443", upstream_address="10.0.0.1:8443", self_check=True)
@@ -309,16 +318,26 @@ def test_plain_members_need_no_check() -> None:
         request=request, decision=Decision(True, "ok", "key", revision="r1", engine_decision_id="e1", cached=True),
         policy="data.p", engine_revision="r0", grant=Grant("key", "static", 1.8e9, "hmac-sha256:00"),
         outcome=Outcome(503, "policy_unavailable", "m", "opa_timeout", "e2"), latency_ms=3.0,
-        stripped=("authorization",), erased=("/input/request/query",), masked=("/input/request/headers",),
+        stripped=("authorization",), input=recorded, erased=("/input/request/query",), masked=tuple(masked),
         bundles={"keyless": {"revision": "r1"}}, labels={"zone": "eu"})
     record = event.as_record()
     record.update(chain="c", seq=7, prev="")
-    assert set(record) >= PLAIN_MEMBERS
-    plain = {k: record[k] for k in PLAIN_MEMBERS}
-    assert _prep(plain) is plain
+
+    def check(value: dict[str, object], plain: Plain, where: str) -> None:
+        for k, sub in plain.items():
+            assert k in value, f"{where}{k} is never written: drop it from PLAIN_MEMBERS"
+            member = value[k]
+            if sub is None:
+                assert _prep(member) is member, f"{where}{k} is not plain"
+            else:
+                assert isinstance(member, dict)
+                check(member, sub, f"{where}{k}.")
+
+    check(record, PLAIN_MEMBERS, "")
     assert canonical_bytes(record, PLAIN_MEMBERS) == canonical_bytes(record)
-    # The other members are still walked: the integral float is written as RFC 8785 writes it.
-    assert b'"exp":1500000000}' in canonical_bytes(record, PLAIN_MEMBERS)
+    # What is not named is still walked: integral floats are written as RFC 8785 writes them.
+    out = canonical_bytes(record, PLAIN_MEMBERS)
+    assert b'"exp":1500000000}' in out and b'"latency_ms":3,' in out and b'"age_seconds":2,' in out
 
 
 def test_a_lone_surrogate_is_written_as_its_escape(tmp_path: Path) -> None:
