@@ -9,6 +9,7 @@ dot-segments before routing, also percent-encoded ones ("%2e%2e", "..%2f") and T
 
 from __future__ import annotations
 
+import functools
 import re
 from urllib.parse import unquote
 
@@ -17,6 +18,7 @@ from proxy.errors import KeylessError
 _SEPARATORS = re.compile(r"[/\\]")
 
 
+@functools.lru_cache(maxsize=4096)
 def check_path(path: str) -> None:
     """Raise ``bad_request`` if any segment of ``path`` is "." or "..", however encoded."""
     target = path.split("?", 1)[0]

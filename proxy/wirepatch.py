@@ -265,6 +265,9 @@ def _patch_http2() -> None:
 # --- connections and timeouts ---------------------------------------------------------------
 
 
+_HOOK_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
 class _Watch:
     """One client connection's timer: re-armed whenever its ConnectionClock changes."""
 
@@ -402,9 +405,12 @@ def _patch_connections() -> None:
     def watched_handle_hook(self: Any, hook: Any) -> Coroutine[Any, Any, None]:
         watch: _Watch | None = getattr(self, "_keyless_watch", None)
         if watch is not None:
-            args = hook.args()
-            if len(args) == 1:
-                watch.hook(hook.name, args[0])
+            # Hook.args() introspects the dataclass on every call: its field names, once a class.
+            names = _HOOK_FIELDS.get(type(hook))
+            if names is None:
+                names = _HOOK_FIELDS[type(hook)] = tuple(f.name for f in dataclasses.fields(hook))
+            if len(names) == 1:
+                watch.hook(hook.name, getattr(hook, names[0]))
         return handle_hook(self, hook)
 
     async def closing_handle_connection(self: Any, connection: Any) -> None:

@@ -10,6 +10,7 @@ it, and a test builds a full input and fails when a field is in neither list.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -84,6 +85,7 @@ _TOKEN = re.compile(r"(?=[A-Za-z_-]*[0-9])[A-Za-z0-9_-]{16,}")
 ID_PLACEHOLDER = "{id}"
 
 
+@functools.lru_cache(maxsize=4096)
 def path_template(path: str) -> str:
     """``/v1/invoices/123/lines/9f1c...`` -> ``/v1/invoices/{id}/lines/{id}`` (rule above)."""
     return "/".join(ID_PLACEHOLDER if _is_id(seg) else seg for seg in path.split("/"))
