@@ -18,9 +18,26 @@ from proxy.errors import KeylessError
 _SEPARATORS = re.compile(r"[/\\]")
 
 
-@functools.lru_cache(maxsize=4096)
 def check_path(path: str) -> None:
     """Raise ``bad_request`` if any segment of ``path`` is "." or "..", however encoded."""
+    # Memoised for the paths clients repeat; only short ones, so the memo stays small however
+    # long the paths a client sends (up to the header limit each).
+    if len(path) <= MEMO_PATH:
+        _check_path_memo(path)
+    else:
+        _check_path(path)
+
+
+# Paths up to this long are memoised (by check_path here, path_template in proxy.policy.input).
+MEMO_PATH = 256
+
+
+@functools.lru_cache(maxsize=4096)
+def _check_path_memo(path: str) -> None:
+    _check_path(path)
+
+
+def _check_path(path: str) -> None:
     target = path.split("?", 1)[0]
     for segment in _SEPARATORS.split(unquote(target)):
         if segment.split(";", 1)[0] in (".", ".."):

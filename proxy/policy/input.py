@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy.model import Identity, Source
+from proxy.paths import MEMO_PATH
 
 # Always withheld from the input, whatever the strip config says.
 _NEVER_IN_INPUT = frozenset({"authorization", "proxy-authorization", "cookie"})
@@ -85,9 +86,17 @@ _TOKEN = re.compile(r"(?=[A-Za-z_-]*[0-9])[A-Za-z0-9_-]{16,}")
 ID_PLACEHOLDER = "{id}"
 
 
-@functools.lru_cache(maxsize=4096)
 def path_template(path: str) -> str:
     """``/v1/invoices/123/lines/9f1c...`` -> ``/v1/invoices/{id}/lines/{id}`` (rule above)."""
+    return _template_memo(path) if len(path) <= MEMO_PATH else _template(path)
+
+
+@functools.lru_cache(maxsize=4096)
+def _template_memo(path: str) -> str:
+    return _template(path)
+
+
+def _template(path: str) -> str:
     return "/".join(ID_PLACEHOLDER if _is_id(seg) else seg for seg in path.split("/"))
 
 
