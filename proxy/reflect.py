@@ -298,10 +298,10 @@ def finish_response(scan: ResponseScan | None, stream: object, *, trailers: Fiel
 
 
 def _header(fields: Fields, name: bytes) -> str | None:
-    for k, v in fields:
-        if k.lower() == name:
-            return v.decode("latin-1")
-    return None
+    """Every line of the field, joined as mitmproxy's ``Headers.get`` joins them: an upstream
+    that repeats ``Content-Encoding`` must not have the body decoded by its first line alone."""
+    values = [v.decode("latin-1") for k, v in fields if k.lower() == name]
+    return ", ".join(values) if values else None
 
 
 class RefusalStream:

@@ -22,6 +22,7 @@ from proxy.reflect import (
     injects,
     is_text,
     plan_body,
+    prepare_response,
     redact_buffered,
     trace_refusal,
 )
@@ -282,3 +283,17 @@ def test_raw_deflate_that_looks_like_zlib_is_still_decoded() -> None:
     stream = BodyStream(redactor(), decoder_for("deflate"), None)
     out = b"".join(b"".join(stream(data[j:j + 3])) for j in range(0, len(data), 3)) + b"".join(stream(b""))
     assert out == want and stream.failure is None
+
+
+def test_a_repeated_content_encoding_is_decoded_in_full() -> None:
+    """An upstream that sends Content-Encoding twice (identity, then gzip): the streamed body is
+    decoded by both lines, as mitmproxy's Headers.get joins them, so the echoed credential is
+    found (decoding by the first line alone passed the gzip body through unscanned)."""
+    fields = [(b"content-type", b"text/plain"), (b"content-encoding", b"identity"), (b"content-encoding", b"gzip")]
+    p = prepare_response((HEADER, TOKEN), fields, expected=None, client_http11=True, limits=ResponseLimits())
+    assert callable(p.stream) and not any(k.lower() == b"content-encoding" for k, _ in p.fields)
+    body = b"echo: " + HEADER.encode() + b"\n"
+    data = gzip.compress(body)
+    out = b"".join(p.stream(data)) + b"".join(p.stream(b""))
+    assert HEADER.encode() not in out and MARKER in out
+    assert isinstance(p.stream, BodyStream) and p.stream.reflected
