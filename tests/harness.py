@@ -28,6 +28,39 @@ from proxy.demo import free_port, make_tls_files
 REPO = Path(__file__).resolve().parent.parent
 
 
+class ThreadedSite:
+    """An aiohttp application served on loopback from its own thread and event loop: the
+    peers tests start (upstreams, issuers, token endpoints, bundle servers)."""
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._runner: web.AppRunner | None = None
+
+    def serve(self, app: web.Application, *sites: tuple[int, ssl.SSLContext | None]) -> None:
+        """Listen on each (port, TLS context or None); returns once every site accepts."""
+        started = threading.Event()
+
+        async def main() -> None:
+            self._runner = web.AppRunner(app, access_log=None)
+            await self._runner.setup()
+            for port, ctx in sites:
+                await web.TCPSite(self._runner, "127.0.0.1", port, ssl_context=ctx).start()
+            started.set()
+
+        def run() -> None:
+            self._loop = asyncio.new_event_loop()
+            self._loop.run_until_complete(main())
+            self._loop.run_forever()
+
+        threading.Thread(target=run, daemon=True).start()
+        assert started.wait(10), "test peer did not start"
+
+    def stop(self) -> None:
+        if self._loop is not None and self._runner is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+
+
 @dataclass
 class Received:
     method: str
@@ -49,9 +82,7 @@ class Upstream:
     received: list[Received] = field(default_factory=list)
     status: int = 200
     check: Callable[[Received], int] | None = None
-    _loop: asyncio.AbstractEventLoop | None = None
-    _thread: threading.Thread | None = None
-    _runner: web.AppRunner | None = None
+    _site: ThreadedSite = field(default_factory=ThreadedSite)
 
     @property
     def ca_file(self) -> Path:
@@ -63,7 +94,6 @@ class Upstream:
         self.http_port, self.https_port = free_port(), free_port()
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.load_cert_chain(cert, key)
-        started = threading.Event()
 
         async def handle(request: web.Request) -> web.Response:
             body = await request.read()
@@ -76,30 +106,14 @@ class Upstream:
             status = self.check(rec) if self.check is not None else self.status
             return web.json_response({"ok": status < 400, "path": request.path}, status=status)
 
-        async def main() -> None:
-            # Large enough for the upload tests (aiohttp's default is 1 MiB).
-            app = web.Application(client_max_size=128 * 1024 * 1024)
-            app.router.add_route("*", "/{tail:.*}", handle)
-            self._runner = web.AppRunner(app, access_log=None)
-            await self._runner.setup()
-            await web.TCPSite(self._runner, "127.0.0.1", self.http_port).start()
-            await web.TCPSite(self._runner, "127.0.0.1", self.https_port, ssl_context=ctx).start()
-            started.set()
-
-        def run() -> None:
-            self._loop = asyncio.new_event_loop()
-            self._loop.run_until_complete(main())
-            self._loop.run_forever()
-
-        self._thread = threading.Thread(target=run, daemon=True)
-        self._thread.start()
-        assert started.wait(10)
+        # Large enough for the upload tests (aiohttp's default is 1 MiB).
+        app = web.Application(client_max_size=128 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", handle)
+        self._site.serve(app, (self.http_port, None), (self.https_port, ctx))
         return self
 
     def stop(self) -> None:
-        if self._loop is not None and self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-            self._loop.call_soon_threadsafe(self._loop.stop)
+        self._site.stop()
 
     def url(self, path: str, tls: bool = True, host: str = "localhost") -> str:
         return f"https://{host}:{self.https_port}{path}" if tls else f"http://{host}:{self.http_port}{path}"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from proxy.demo import free_port, make_tls_files
+from tests.harness import ThreadedSite
 
 
 @dataclass
@@ -53,8 +53,7 @@ class Issuer:
     hits: dict[str, int] = field(default_factory=lambda: {"discovery": 0, "jwks": 0})
     down: bool = False
     delay: float = 0.0
-    _loop: asyncio.AbstractEventLoop | None = None
-    _runner: web.AppRunner | None = None
+    _site: ThreadedSite = field(default_factory=ThreadedSite)
 
     @property
     def url(self) -> str:
@@ -70,7 +69,6 @@ class Issuer:
         self.port = free_port()
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.load_cert_chain(cert, key)
-        started = threading.Event()
 
         async def answer(kind: str, body: dict[str, Any]) -> web.Response:
             self.hits[kind] += 1
@@ -86,28 +84,14 @@ class Issuer:
         async def jwks(_: web.Request) -> web.Response:
             return await answer("jwks", self.jwks())
 
-        async def main() -> None:
-            app = web.Application()
-            app.router.add_get("/.well-known/openid-configuration", discovery)
-            app.router.add_get("/jwks", jwks)
-            self._runner = web.AppRunner(app, access_log=None)
-            await self._runner.setup()
-            await web.TCPSite(self._runner, "127.0.0.1", self.port, ssl_context=ctx).start()
-            started.set()
-
-        def run() -> None:
-            self._loop = asyncio.new_event_loop()
-            self._loop.run_until_complete(main())
-            self._loop.run_forever()
-
-        threading.Thread(target=run, daemon=True).start()
-        assert started.wait(10)
+        app = web.Application()
+        app.router.add_get("/.well-known/openid-configuration", discovery)
+        app.router.add_get("/jwks", jwks)
+        self._site.serve(app, (self.port, ctx))
         return self
 
     def stop(self) -> None:
-        if self._loop is not None and self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-            self._loop.call_soon_threadsafe(self._loop.stop)
+        self._site.stop()
 
     def jwks(self) -> dict[str, Any]:
         return {"keys": [k.public_jwk() for k in self.keys]}

@@ -15,7 +15,7 @@ from typing import Any
 import requests
 
 from proxy.demo import free_port
-from tests.harness import REPO, Keyless
+from tests.harness import REPO, Keyless, ThreadedSite
 
 
 class OpaProcess:
@@ -90,8 +90,6 @@ class BundleServer:
     ``If-None-Match`` with 304, as OPA's bundle service API expects."""
 
     def __init__(self) -> None:
-        import asyncio
-        import threading
 
         from aiohttp import web
 
@@ -100,7 +98,7 @@ class BundleServer:
         self.etag = ""
         self.not_modified = 0
         self.full = 0
-        started = threading.Event()
+        self._site = ThreadedSite()
 
         async def handle(request: web.Request) -> web.Response:
             if request.headers.get("If-None-Match") == self.etag:
@@ -109,21 +107,9 @@ class BundleServer:
             self.full += 1
             return web.Response(body=self.body, headers={"ETag": self.etag, "Content-Type": "application/gzip"})
 
-        async def main() -> None:
-            app = web.Application()
-            app.router.add_get("/bundles/keyless.tar.gz", handle)
-            self._runner = web.AppRunner(app, access_log=None)
-            await self._runner.setup()
-            await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-            started.set()
-
-        def run() -> None:
-            self._loop = asyncio.new_event_loop()
-            self._loop.run_until_complete(main())
-            self._loop.run_forever()
-
-        threading.Thread(target=run, daemon=True).start()
-        assert started.wait(10)
+        app = web.Application()
+        app.router.add_get("/bundles/keyless.tar.gz", handle)
+        self._site.serve(app, (self.port, None))
 
     @property
     def url(self) -> str:

@@ -16,7 +16,6 @@ import secrets
 import shutil
 import socket
 import subprocess
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ import pytest
 from aiohttp import web
 
 from proxy.demo import free_port
+from tests.harness import ThreadedSite
 
 CLIENT_ID = "replica-client"
 CLIENT_SECRET = "canary-client-secret-7c1d9e2f"
@@ -127,8 +127,7 @@ class TokenEndpoint:
     refresh_token: str = field(default_factory=lambda: "canary-rt-" + secrets.token_urlsafe(12))
     spent: set[str] = field(default_factory=set)
     subjects: list[str] = field(default_factory=list)
-    _loop: asyncio.AbstractEventLoop | None = None
-    _runner: web.AppRunner | None = None
+    _site: ThreadedSite = field(default_factory=ThreadedSite)
 
     @property
     def url(self) -> str:
@@ -137,7 +136,6 @@ class TokenEndpoint:
     def start(self) -> TokenEndpoint:
         self.port = free_port()
         expected = "Basic " + base64.b64encode(f"{CLIENT_ID}:{CLIENT_SECRET}".encode()).decode()
-        started = threading.Event()
 
         async def token(request: web.Request) -> web.Response:
             form = await request.post()
@@ -170,24 +168,10 @@ class TokenEndpoint:
             answer["access_token"] = value
             return web.json_response(answer)
 
-        async def main() -> None:
-            app = web.Application()
-            app.router.add_post("/token", token)
-            self._runner = web.AppRunner(app, access_log=None)
-            await self._runner.setup()
-            await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-            started.set()
-
-        def run() -> None:
-            self._loop = asyncio.new_event_loop()
-            self._loop.run_until_complete(main())
-            self._loop.run_forever()
-
-        threading.Thread(target=run, daemon=True).start()
-        started.wait(10)
+        app = web.Application()
+        app.router.add_post("/token", token)
+        self._site.serve(app, (self.port, None))
         return self
 
     def stop(self) -> None:
-        if self._loop is not None and self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-            self._loop.call_soon_threadsafe(self._loop.stop)
+        self._site.stop()

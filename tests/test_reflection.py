@@ -17,7 +17,6 @@ import json
 import secrets
 import ssl
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from aiohttp import web
 
 from proxy.demo import free_port, make_tls_files
 from tests.clients import Reply, curl, proxy_environ, req
-from tests.harness import REPO, Keyless, base_config
+from tests.harness import REPO, Keyless, ThreadedSite, base_config
 
 BILLING = "spiffe://demo.local/billing"
 MARKER = "[keyless:redacted]"
@@ -45,8 +44,7 @@ class Echo:
     tls_dir: Path
     port: int = 0
     received: list[dict[str, Any]] = field(default_factory=list)
-    _loop: asyncio.AbstractEventLoop | None = None
-    _runner: web.AppRunner | None = None
+    _site: ThreadedSite = field(default_factory=ThreadedSite)
 
     @property
     def ca_file(self) -> Path:
@@ -119,29 +117,14 @@ class Echo:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.load_cert_chain(cert, key)
         self.port = free_port()
-        started = threading.Event()
 
-        async def main() -> None:
-            app = web.Application(client_max_size=16 * MIB)
-            app.router.add_route("*", "/{tail:.*}", self.handle)
-            self._runner = web.AppRunner(app, access_log=None)
-            await self._runner.setup()
-            await web.TCPSite(self._runner, "127.0.0.1", self.port, ssl_context=ctx).start()
-            started.set()
-
-        def run() -> None:
-            self._loop = asyncio.new_event_loop()
-            self._loop.run_until_complete(main())
-            self._loop.run_forever()
-
-        threading.Thread(target=run, daemon=True).start()
-        assert started.wait(10)
+        app = web.Application(client_max_size=16 * MIB)
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        self._site.serve(app, (self.port, ctx))
         return self
 
     def stop(self) -> None:
-        if self._loop is not None and self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-            self._loop.call_soon_threadsafe(self._loop.stop)
+        self._site.stop()
 
 
 @dataclass
