@@ -183,6 +183,15 @@ def test_audit_record_and_scrubbed_input() -> None:
     assert doc["request"]["query"]["key"] == [AKIA]  # the decision's own input is untouched
 
 
+def test_a_long_parameter_name_does_not_keep_its_secret(d: Discovery) -> None:
+    """Locations keep the first 100 characters of a name; the scrub compares the same."""
+    name = "k" * 150
+    found = d.inspect(req(f"/x?{name}={AKIA}&page=2"))
+    assert [f.detector for f in found] == ["AWSKeyDetector"]
+    doc = {"request": {"query": {name: [AKIA], "page": ["2"]}}}
+    assert scrub_query(doc, found) == {"request": {"query": {"page": ["2"]}}}
+
+
 def test_aggregate_marks_reuse_across_identities() -> None:
     def rec(ident: str, t: str) -> dict[str, object]:
         return {"time": t, "identity": {"id": ident}, "request": {"host": "api.github.com", "method": "GET",

@@ -323,5 +323,7 @@ def scrub_query(doc: dict[str, Any], findings: Sequence[Finding]) -> dict[str, A
     request = doc.get("request")
     if not names or not isinstance(request, dict) or not isinstance(request.get("query"), dict):
         return doc
-    query = {k: v for k, v in request["query"].items() if k not in names}
+    # A finding's location keeps the first _MAX_NAME characters of the name: compare those, so a
+    # longer name cannot keep its value (two names sharing that prefix are both scrubbed).
+    query = {k: v for k, v in request["query"].items() if k[:_MAX_NAME] not in names}
     return {**doc, "request": {**request, "query": query}}
