@@ -26,7 +26,7 @@ import fnmatch
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from proxy.confread import Section
 
@@ -123,8 +123,9 @@ def parse(s: Section) -> CacheConfig:
             parts = urlsplit(url)
             if parts.scheme not in ("redis", "rediss") or not parts.hostname:
                 r.error("must be redis://HOST[:PORT][/DB] or rediss://... for TLS", "url")
-            elif parts.password:
-                # A password in the URL would be printed wherever the URL is: use password_env.
+            elif parts.password or any(k.lower() == "password" for k, _ in parse_qsl(parts.query)):
+                # A password in the URL (userinfo or redis-py's ?password=) would be printed
+                # wherever the URL is: use password_env.
                 r.error("must not contain a password: use password_env or password_file", "url")
         t = r.section("tls")
         tls = RedisTls(t.path_value("ca_file", None), t.path_value("cert_file", None), t.path_value("key_file", None))

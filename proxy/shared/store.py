@@ -165,7 +165,7 @@ class SharedStore:
     def recovered(self) -> None:
         self._down_until = 0.0
         if self.up is not True:
-            log.warning("redis is up (%s)", self.options.url)
+            log.warning("redis is up (%s)", self.options.url.split("?", 1)[0])
             self.counts["state", "up"] += 1
             self.up = True
 

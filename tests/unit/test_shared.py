@@ -31,6 +31,13 @@ def problems(cache: dict[str, Any]) -> list[str]:
     return e.value.problems
 
 
+def test_a_password_in_the_url_query_is_refused_too() -> None:
+    """redis-py reads ?password= from the URL, which Keyless logs when Redis comes back."""
+    found = problems({"redis": {"url": "redis://redis:6379/0?Password=hunter2", "encryption_key_env": "K"}})
+    assert "cache.redis.url: must not contain a password: use password_env or password_file" in found
+    assert not any("hunter2" in p for p in found)
+
+
 def test_cache_config_mistakes_are_one_line_each() -> None:
     found = problems({"redis": {"url": "redis://:hunter2@redis:6379", "tls": {"cert_file": "/nonexistent"},
                                 "lock_ttl": -1, "password_env": "A", "password_file": "b"},
