@@ -39,10 +39,6 @@ class Answer:
     error: KeylessError
     decision_id: str
 
-    @property
-    def status(self) -> int:
-        return self.error.status
-
 
 @dataclass(frozen=True, slots=True)
 class WireError:

@@ -86,10 +86,6 @@ def install(limits: WireLimits, on_refusal: RefusalAudit | None = None) -> None:
     _patch_connections()
 
 
-def active_connections() -> int:
-    return _STATE.connections
-
-
 def _audit_refusal(error: KeylessError, peer: Any, decision_id: str) -> None:
     if _STATE.on_refusal is None:
         return

@@ -762,7 +762,7 @@ def test_error_answer_from_what_the_layer_recorded() -> None:
     f.metadata[WIRE] = WireError("CONNECT_FAILED", "Certificate verify failed: self-signed")
     found = error_answer(f, None, tls_error("Certificate verify failed"), "d1")
     assert found is not None and found[0].code == "upstream_tls_failed" and found[1] is True
-    assert f.metadata[ANSWER].decision_id == "d1" and f.metadata[ANSWER].status == 502
+    assert f.metadata[ANSWER].decision_id == "d1" and f.metadata[ANSWER].error.status == 502
     # A refusal Keyless already made wins over what the wire says.
     g = tflow.tflow()
     g.metadata[WIRE] = WireError("REQUEST_VALIDATION_FAILED", "Received both ...")

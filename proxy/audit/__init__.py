@@ -1,9 +1,10 @@
 """Audit sinks: one JSON object per request, after OPA's decision-log event.
 
-``SINKS`` is the one registry (``proxy.plugins.PluginSpec``): ``file`` is the durable, chained
-JSON-lines trail (``audit.path``; it fails closed, see ``proxy.audit.file``); ``decision_log``
-uploads OPA decision-log batches (``proxy.audit.decisionlog``; best effort with a bounded buffer
-and a dropped counter, as OPA's own plugin). ``AuditTrail`` is what the pipeline writes to.
+The durable trail is the chained JSON-lines file (``audit.path``; it fails closed, see
+``proxy.audit.file``), always present. ``SINKS`` is the one registry (``proxy.plugins.PluginSpec``)
+of the sinks ``audit.sinks`` adds beside it: ``decision_log`` uploads OPA decision-log batches
+(``proxy.audit.decisionlog``; best effort with a bounded buffer and a dropped counter, as OPA's
+own plugin). ``AuditTrail`` is what the pipeline writes to.
 """
 
 from __future__ import annotations
@@ -12,8 +13,7 @@ from typing import Any, Protocol
 
 from proxy.audit.decisionlog import DecisionLogSink, parse_decision_log
 from proxy.audit.event import PLAIN_MEMBERS, AuditEvent
-from proxy.audit.file import FileOptions, FileSink
-from proxy.confread import Section
+from proxy.audit.file import FileSink
 from proxy.plugins import PluginSpec
 
 
@@ -33,12 +33,7 @@ class AuditSink(Protocol):
 JsonLinesSink = FileSink
 
 
-def _parse_file(s: Section) -> FileOptions:
-    return FileOptions(path=s.text("path"))
-
-
 SINKS: dict[str, PluginSpec[Any]] = {
-    "file": PluginSpec(parse=_parse_file, create=FileSink),
     "decision_log": PluginSpec(parse=parse_decision_log, create=DecisionLogSink),
 }
 

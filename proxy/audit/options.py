@@ -73,7 +73,7 @@ def parse_audit(s: Section) -> AuditConfig:
         raw = []
     for i, item in enumerate(raw or []):
         ss = Section(item, s.key_path(f"sinks[{i}]"), s.problems, s.base_dir)
-        kind = ss.choice("type", tuple(k for k in SINKS if k != "file"))
+        kind = ss.choice("type", tuple(SINKS))
         if kind:
             sinks.append(SinkConfig(kind, SINKS[kind].parse(ss)))
         ss.done()
