@@ -210,6 +210,19 @@ class Keyless:
                 "SSL_CERT_FILE": ca, "REQUESTS_CA_BUNDLE": ca, "CURL_CA_BUNDLE": ca}
 
 
+def audit_record(k: Keyless, decision_id: str, timeout: float = 5.0) -> dict[str, Any]:
+    """The one audit record of ``decision_id``, once written: a record is written when the flow
+    ends, which may be just after the client has read its answer."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [r for r in k.audit() if r["decision_id"] == decision_id]
+        if found:
+            assert len(found) == 1, found
+            return found[0]
+        time.sleep(0.05)
+    raise AssertionError(f"no audit record for {decision_id}")
+
+
 def wait_for_audit(k: Keyless, count: int, timeout: float = 5.0) -> list[dict[str, Any]]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -16,7 +16,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ import requests
 
 from tests.clients import Reply, curl, req
 from tests.harness import REPO, Keyless, Upstream, base_config, wait_for_audit
+from tests.policy_helpers import wait_until
 
 BILLING = "spiffe://demo.local/billing"
 REPORTS = "spiffe://demo.local/reports"
@@ -337,9 +337,7 @@ def test_shadow_errors_and_reloads_never_change_a_response(world: World) -> None
     try:
         first = [call(k, world.upstream, c) for c in (CALLS[0], UNSEEN[3])]
         (cand / "egress.rego").write_text(SHADOW_ERRORS.replace("REVISION", "two"))
-        deadline = time.monotonic() + 10
-        while "reloaded" not in k.log_file.read_text() and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_until(lambda: "reloaded" in k.log_file.read_text(), 10, "the shadow policy to reload")
         second = call(k, world.upstream, CALLS[0])
         records = wait_for_audit(k, 3)
     finally:

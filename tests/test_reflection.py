@@ -17,7 +17,6 @@ import json
 import secrets
 import ssl
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ from aiohttp import web
 
 from proxy.demo import free_port, make_tls_files
 from tests.clients import Reply, curl, proxy_environ, req
-from tests.harness import REPO, Keyless, ThreadedSite, base_config
+from tests.harness import REPO, Keyless, ThreadedSite, audit_record, base_config
 
 BILLING = "spiffe://demo.local/billing"
 MARKER = "[keyless:redacted]"
@@ -144,15 +143,7 @@ class Env:
 
     def record(self, decision_id: str | None) -> dict[str, Any]:
         assert decision_id
-        # The record is written when the flow ends, which may be just after the client has
-        # read a complete answer.
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            for r in self.k.audit():
-                if r["decision_id"] == decision_id:
-                    return r
-            time.sleep(0.05)
-        raise AssertionError(f"no audit record {decision_id}")
+        return audit_record(self.k, decision_id)
 
 
 def start(tmp: Path, echo: Echo, **extra: Any) -> tuple[Keyless, str, str]:

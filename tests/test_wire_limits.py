@@ -27,7 +27,7 @@ import h2.events
 import pytest
 
 from proxy.demo import free_port
-from tests.harness import REPO, Keyless, base_config
+from tests.harness import REPO, Keyless, audit_record, base_config
 from tests.rawpeer import RawUpstream
 
 LIMITS = {"max_header_bytes": "16k", "max_headers": 50, "idle_timeout": 1.5, "header_timeout": 1.0,
@@ -126,14 +126,7 @@ def closed_by_peer(sock: socket.socket, within: float) -> float:
 
 
 def audit_for(env: Env, decision_id: str, timeout: float = 5.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = [r for r in env.k.audit() if r["decision_id"] == decision_id]
-        if found:
-            assert len(found) == 1
-            return found[0]
-        time.sleep(0.05)
-    raise AssertionError(f"no audit record for {decision_id}")
+    return audit_record(env.k, decision_id, timeout)
 
 
 def assert_refusal(env: Env, a: Answer, status: int, code: str) -> dict[str, Any]:
