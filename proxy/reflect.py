@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from proxy.answers import parse_size
 from proxy.decoding import DecodeError, Decoder, decoder_for, is_identity
 from proxy.errors import KeylessError
 from proxy.redact import Redactor, StreamRedactor, redact_headers
@@ -78,13 +79,6 @@ def is_text(content_type: str | None) -> bool:
     return (mime in _TEXT_TYPES or mime.startswith(_TEXT_PREFIXES) or mime.endswith(_TEXT_SUFFIXES))
 
 
-def size_bytes(text: str) -> int:
-    """``512k``, ``64m``, ``1g`` (powers of 1024, as mitmproxy reads them) or plain bytes."""
-    unit = text[-1:].lower()
-    scale = {"k": 1024, "m": 1024**2, "g": 1024**3}.get(unit)
-    return int(text[:-1]) * scale if scale else int(text)
-
-
 @dataclass(frozen=True, slots=True)
 class ResponseLimits:
     """``listen.redact_max_body`` and ``listen.max_response_body`` in bytes."""
@@ -94,7 +88,8 @@ class ResponseLimits:
 
     @classmethod
     def parse(cls, redact_max_body: str, max_response_body: str | None) -> ResponseLimits:
-        return cls(size_bytes(redact_max_body), None if max_response_body is None else size_bytes(max_response_body))
+        return cls(parse_size(redact_max_body),
+                   None if max_response_body is None else parse_size(max_response_body))
 
     @property
     def decoded_max(self) -> int:
