@@ -394,7 +394,8 @@ class KeylessAddon:
         ex: Exchange | None = flow.metadata.get(_STATE)
         if ex is None:
             return
-        failure = self._upstream_failures.get(flow.client_conn.id, {}).get((flow.request.host, flow.request.port))
+        # Taken, not read: a later failure to the same upstream on this connection has its own cause.
+        failure = self._upstream_failures.get(flow.client_conn.id, {}).pop((flow.request.host, flow.request.port), None)
         found = error_answer(flow, ex.error, failure, ex.decision_id)
         if found is not None:
             # Keyless answers it (proxy.answer_layers sends the JSON refusal) unless the
