@@ -17,6 +17,7 @@ import pytest
 from botocore.credentials import ReadOnlyCredentials
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from mitmproxy import http
 
 from proxy.config import parse_config
 from proxy.credentials import CREDENTIALS, Runtime
@@ -29,13 +30,9 @@ CALLER = "spiffe://t/app"
 TOKEN = "canary-token-" + "x" * 24
 
 
-class Req:
-    method, scheme, host, port, path = "GET", "https", "api.test", 443, "/v1/x"
-
-    def __init__(self) -> None:
-        self.headers: dict[str, str] = {"host": "api.test"}
-        self.query: dict[str, str] = {}
-        self.raw_content = b""
+def outbound() -> http.Request:
+    """A real mitmproxy request, as the pipeline hands providers (case-insensitive headers)."""
+    return http.Request.make("GET", "https://api.test/v1/x", b"", {"host": "api.test"})
 
 
 def configs(tmp: Path) -> dict[str, dict[str, Any]]:
@@ -79,7 +76,7 @@ def test_grant_names_what_was_injected(tmp_path: Path, kind: str) -> None:
             if kind == "aws_sigv4" else None
         key = provider.key_for(ctx) if hasattr(provider, "key_for") else (CALLER, "arn:aws:iam::123456789012:role/app")
         cache._store(key, Token(TOKEN if data is None else data.access_key, time.time() + 3600, data=data))
-    req = Req()
+    req = outbound()
     before = dict(req.headers)
     grant = asyncio.run(provider.apply(req, ctx))
     injected = {k: v for k, v in req.headers.items() if before.get(k) != v}
